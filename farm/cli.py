@@ -1,0 +1,427 @@
+"""The `farm` command line. Never imports torch: heavy work happens in workers.
+
+Every FarmError becomes one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from farm import jobs, queries, states
+from farm.config import Settings
+from farm.context import Context
+from farm.errors import FarmError, InvalidInput, NotFound, RetryableError
+from farm.script import decode_script
+
+
+def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FarmError as exc:
+            click.echo(f"farm: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def make_context(start_runtime: bool = True) -> Context:
+    """Settings read once; the embedded default is brought up on demand."""
+    settings = Settings.from_env()
+    ctx = Context(settings)
+    if settings.embedded:
+        _ensure_schema(ctx)
+        if start_runtime:
+            from farm import embedded
+
+            embedded.ensure_running(settings)
+    return ctx
+
+
+def _ensure_schema(ctx: Context) -> None:
+    from farm import migrate
+
+    url = ctx.settings.effective_database_url
+    if not migrate.is_current(ctx.engine, url):
+        migrate.upgrade(url)
+
+
+def _celery() -> Any:
+    from workers import tasks
+
+    return tasks
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """farm: turn scripts into videos of an avatar speaking them.
+
+    With no FARM_* services configured, farm runs on an embedded default: SQLite,
+    an embedded Redis and local worker processes, all under FARM_HOME.
+    """
+
+
+# --- submit -----------------------------------------------------------------
+
+
+def _read_script(source: str, settings: Settings) -> str:
+    if source == "-":
+        data = sys.stdin.buffer.read(settings.max_script_chars * 4 + 1)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidInput(f"no such script file: {source}")
+        with path.open("rb") as fh:
+            data = fh.read(settings.max_script_chars * 4 + 1)
+    return decode_script(data, settings.max_script_chars)
+
+
+@main.command()
+@click.argument("script", metavar="SCRIPT")
+@click.option("--avatar", default="demo", show_default=True, help="Avatar name.")
+@click.option(
+    "--voice", default="joe", show_default=True, help=f"TTS voice: {', '.join(jobs.VOICES)}."
+)
+@click.option("--fps", type=int, default=None, help="Frames per second [env FARM_FPS; 25].")
+@click.option("--size", default=None, help="Output size, N or WxH [env FARM_SIZE; 512].")
+@click.option(
+    "--chunk-frames",
+    type=int,
+    default=None,
+    help="Frames per render chunk [env FARM_CHUNK_FRAMES; 100].",
+)
+@click.option("--seed", type=int, default=None, help="Motion seed (random when unset).")
+@click.option("--wait", is_flag=True, help="Show progress and wait for the video.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --wait: copy the finished MP4 here.",
+)
+@fail_cleanly
+def submit(
+    script: str,
+    avatar: str,
+    voice: str,
+    fps: int | None,
+    size: str | None,
+    chunk_frames: int | None,
+    seed: int | None,
+    wait: bool,
+    output: Path | None,
+) -> None:
+    """Submit SCRIPT (a UTF-8 text file, or - for stdin) as a job; print its id."""
+    settings = Settings.from_env()
+    text = _read_script(script, settings)
+    request = jobs.JobRequest(
+        script=text,
+        avatar=avatar,
+        voice=voice,
+        fps=fps or settings.fps,
+        size=jobs.parse_size(size or str(settings.size)),
+        chunk_frames=chunk_frames or settings.chunk_frames,
+        seed=seed,
+    )
+    ctx = make_context(start_runtime=False)
+    jobs.validate(ctx, request)
+    if ctx.settings.embedded:
+        from farm import embedded
+
+        embedded.ensure_running(ctx.settings)
+    job_id = jobs.create(ctx, request)
+    try:
+        _celery().enqueue("farm.prepare", job_id)
+    except Exception as exc:  # the broker refused: the job was never accepted
+        jobs.forget(ctx, job_id)
+        raise RetryableError(f"could not queue the job: {exc}") from exc
+    click.echo(job_id)
+    if wait:
+        _wait(ctx, job_id, output)
+
+
+def _wait(ctx: Context, job_id: str, output: Path | None) -> None:
+    bar = _ProgressLine(sys.stderr)
+    last_check = time.monotonic()
+    while True:
+        with ctx.session() as s:
+            prog = queries.progress(s, job_id)
+            job = queries.get_job(s, job_id)
+        bar.show(prog)
+        if prog.state in states.FINAL:
+            break
+        if ctx.settings.embedded and time.monotonic() - last_check > 5:
+            # The runtime may have gone idle between our check and the submit.
+            from farm import embedded
+
+            embedded.ensure_running(ctx.settings)
+            last_check = time.monotonic()
+        time.sleep(0.3)
+    bar.close()
+    if job.state != states.SUCCEEDED:
+        raise FarmError(f"job {job_id} {job.state}: {job.error or 'no reason recorded'}")
+    assert job.output_key
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        ctx.store.get_file(job.output_key, output)
+        click.echo(str(output))
+    else:
+        click.echo(ctx.store.url(job.output_key))
+
+
+class _ProgressLine:
+    """Stage, then chunks rendered / total: one redrawn line on a terminal,
+    a line per change otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: io.TextIOBase | Any) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = ""
+
+    def show(self, prog: queries.Progress) -> None:
+        filled = int(prog.fraction * self.WIDTH)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        detail = prog.state
+        if prog.state == states.SPEAKING:
+            detail += f" {prog.segments_done}/{prog.segments_total} segments"
+        elif prog.state == states.RENDERING:
+            detail += f" {prog.chunks_done}/{prog.chunks_total} chunks"
+        line = f"[{bar}] {detail}"
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            self.stream.write("\r" + line.ljust(70))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- jobs -------------------------------------------------------------------
+
+
+def _fmt_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@fail_cleanly
+def status(job_id: str) -> None:
+    """Show a job's state, progress, timings and output (JOB may be an id prefix)."""
+    ctx = make_context(start_runtime=False)
+    with ctx.session() as s:
+        job = queries.find_job_by_prefix(s, job_id)
+        prog = queries.progress(s, job.id)
+        chunks = queries.get_chunks(s, job.id)
+    click.echo(f"job       {job.id}")
+    click.echo(f"state     {job.state} ({prog.fraction:.0%})")
+    click.echo(f"avatar    {job.avatar}  voice {job.voice}  {job.width}x{job.height}@{job.fps}")
+    click.echo(f"segments  {prog.segments_done}/{prog.segments_total}")
+    click.echo(f"chunks    {prog.chunks_done}/{prog.chunks_total}  frames {job.frame_count}")
+    click.echo(f"audio     {_fmt_seconds(job.audio_seconds)}")
+    click.echo(f"created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC")
+    if job.timings:
+        timings = "  ".join(f"{k} {v:.2f}s" for k, v in sorted(job.timings.items()))
+        click.echo(f"timings   {timings}")
+    for chunk in chunks:
+        if chunk.state == "failed":
+            click.echo(f"chunk {chunk.idx} failed on {chunk.worker}: {chunk.error}")
+    if job.error:
+        click.echo(f"error     {job.error}")
+    if job.output_key:
+        click.echo(f"output    {ctx.store.url(job.output_key)}")
+
+
+@main.command(name="jobs")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option(
+    "--state",
+    type=click.Choice(states.PIPELINE + (states.FAILED, states.CANCELLED)),
+    default=None,
+    help="Only jobs in this state.",
+)
+@fail_cleanly
+def list_jobs(limit: int, state: str | None) -> None:
+    """List recent jobs, newest first."""
+    ctx = make_context(start_runtime=False)
+    with ctx.session() as s:
+        rows = [(j, queries.progress(s, j.id)) for j in queries.list_jobs(s, limit, state)]
+    click.echo(f"{'JOB':12}  {'STATE':10}  {'PROGRESS':>8}  {'AUDIO':>7}  {'WALL':>7}  AVATAR")
+    for job, prog in rows:
+        wall = (job.timings or {}).get("total")
+        click.echo(
+            f"{job.id[:12]:12}  {job.state:10}  {prog.fraction:>8.0%}  "
+            f"{_fmt_seconds(job.audio_seconds):>7}  {_fmt_seconds(wall):>7}  {job.avatar}"
+        )
+
+
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@fail_cleanly
+def cancel(job_id: str) -> None:
+    """Cancel a job: queued tasks never start, running chunks stop within a frame batch."""
+    ctx = make_context(start_runtime=False)
+    with ctx.session() as s:
+        job = queries.find_job_by_prefix(s, job_id)
+        moved = queries.transition(s, job.id, states.CANCELLED)
+        segments, chunks = job.segments_total, job.chunks_total
+    if not moved:
+        raise InvalidInput(f"job {job.id} is already {job.state}")
+    try:
+        _celery().revoke_job(job.id, segments, chunks)
+    except Exception as exc:  # the flag alone still stops every task that runs
+        click.echo(f"farm: warning: could not revoke queued tasks: {exc}", err=True)
+    click.echo(f"cancelled {job.id}")
+
+
+# --- avatars ----------------------------------------------------------------
+
+
+@main.group()
+def avatar() -> None:
+    """Register and inspect avatars."""
+
+
+@avatar.command(name="add")
+@click.argument("name")
+@click.option(
+    "--photo",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A photo with one clearly visible face.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=300,
+    show_default=True,
+    help="Seconds to wait for registration.",
+)
+@fail_cleanly
+def avatar_add(name: str, photo: Path, timeout: float) -> None:
+    """Register NAME from a photo: face landmarks and caches, done by a worker."""
+    from farm import avatars
+
+    jobs.check_avatar_name(name)
+    data = avatars.read_photo(photo, Settings.from_env())
+    ctx = make_context()
+    key = avatars.register(ctx, _celery(), name, data, timeout)
+    click.echo(f"added avatar {name} ({key})")
+
+
+@avatar.command(name="list")
+@fail_cleanly
+def avatar_list() -> None:
+    """List registered avatars (built-in ones register on first use)."""
+    ctx = make_context(start_runtime=False)
+    with ctx.session() as s:
+        rows = queries.list_avatars(s)
+    names = {a.name for a in rows}
+    for a in rows:
+        click.echo(f"{a.name:20} {a.renderer:10} {a.width}x{a.height}")
+    for name in jobs.BUILTIN_AVATARS:
+        if name not in names:
+            click.echo(f"{name:20} {'(built in, not yet registered)'}")
+
+
+@avatar.command(name="show")
+@click.argument("name")
+@fail_cleanly
+def avatar_show(name: str) -> None:
+    """Show one avatar."""
+    ctx = make_context(start_runtime=False)
+    with ctx.session() as s:
+        row = queries.get_avatar(s, name)
+    if row is None:
+        raise NotFound(f"unknown avatar {name!r}")
+    click.echo(
+        f"name      {row.name}\nrenderer  {row.renderer}\nphoto     {row.width}x{row.height}"
+    )
+    click.echo(f"source    {ctx.store.url(row.source_key)}\nartifact  {row.artifact_key}")
+    click.echo(f"created   {row.created_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+# --- operations -------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--queues",
+    "-Q",
+    default="cpu,render",
+    show_default=True,
+    help="Comma-separated queues to consume.",
+)
+@click.option(
+    "--concurrency", "-c", type=int, default=1, show_default=True, help="Worker processes."
+)
+@click.option("--hostname", "-n", default=None, help="Worker name (default QUEUES@host).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@fail_cleanly
+def worker(queues: str, concurrency: int, hostname: str | None, loglevel: str) -> None:
+    """Run a Celery worker on this machine (replaces this process)."""
+    from farm import embedded
+
+    name = hostname or f"{queues.replace(',', '+')}@%h"
+    argv = embedded.worker_argv(queues, concurrency, name, loglevel)
+    os.execv(argv[0], argv)
+
+
+@main.command()
+@fail_cleanly
+def stop() -> None:
+    """Stop the embedded runtime (workers finish their current task first)."""
+    settings = Settings.from_env()
+    from farm import embedded
+
+    click.echo("stopped" if embedded.stop(settings) else "the embedded runtime is not running")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command(name="upgrade")
+@click.option("--revision", default="head", show_default=True)
+@fail_cleanly
+def db_upgrade(revision: str) -> None:
+    """Apply migrations (alembic upgrade) to the configured database."""
+    from farm import migrate
+
+    url = Settings.from_env().effective_database_url
+    migrate.upgrade(url, revision)
+    click.echo(f"database at {revision}")
+
+
+@main.command(name="fetch")
+@click.argument("job_id", metavar="JOB")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@fail_cleanly
+def fetch_output(job_id: str, dest: Path) -> None:
+    """Copy a finished job's MP4 to DEST."""
+    ctx = make_context(start_runtime=False)
+    with ctx.session() as s:
+        job = queries.find_job_by_prefix(s, job_id)
+    if not job.output_key:
+        raise InvalidInput(f"job {job.id} has no output (state {job.state})")
+    ctx.store.get_file(job.output_key, dest)
+    click.echo(str(dest))

@@ -1,0 +1,42 @@
+"""What a process needs to do farm work: settings, a database and the store.
+
+Made once per process at start-up (in a Celery worker: in the child, after the
+fork, on first use) and passed down; nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from farm.config import Settings
+from farm.db import make_engine, make_sessionmaker
+from farm.store import Store, open_store
+
+
+@dataclass(eq=False)  # hashed by identity: one per process, a cache key
+class Context:
+    settings: Settings
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.effective_database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def store(self) -> Store:
+        return open_store(self.settings.effective_store_url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: committed on success, rolled back on error."""
+        with self.sessions() as session, session.begin():
+            yield session

@@ -1,0 +1,203 @@
+"""Jobs on the control plane: submit, cancel, the fan-in steps, mux and publish.
+
+These functions never import torch; the stages that need models live in
+models/stages.py. Celery tasks in workers/tasks.py are thin wrappers over both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from farm import queries, states
+from farm.context import Context
+from farm.errors import InvalidInput, PermanentError
+from farm.media import concat_list, count_frames, ffmpeg_exe, mux_argv, run_ffmpeg
+from farm.script import split_script
+from farm.store import chunk_key, job_key
+
+VOICES: tuple[str, ...] = ("joe", "espeak")
+BUILTIN_AVATARS: tuple[str, ...] = ("demo",)
+_AVATAR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+LEAD_IN_SECONDS = 0.3  # silence before the first word, so the mouth starts closed
+TAIL_SECONDS = 0.5
+
+
+def check_avatar_name(name: str) -> str:
+    if not _AVATAR_NAME.match(name):
+        raise InvalidInput(
+            f"invalid avatar name {name[:80]!r}: use 1-64 letters, digits, '-' or '_'"
+        )
+    return name
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512' or '640x360' to (width, height); H.264 4:2:0 needs even sides."""
+    m = re.fullmatch(r"(\d{1,4})(?:x(\d{1,4}))?", text.strip())
+    if not m:
+        raise InvalidInput(f"invalid size {text!r}: use N or WxH, for example 512 or 1280x720")
+    w = int(m.group(1))
+    h = int(m.group(2) or w)
+    if not (64 <= w <= 1920 and 64 <= h <= 1920) or w % 2 or h % 2:
+        raise InvalidInput(f"invalid size {text!r}: sides must be even and within 64..1920")
+    return w, h
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    script: str
+    avatar: str
+    voice: str
+    fps: int
+    size: tuple[int, int]
+    chunk_frames: int
+    seed: int | None = None
+    priority: int = 5
+
+
+def validate(ctx: Context, req: JobRequest) -> None:
+    check_avatar_name(req.avatar)
+    if req.voice not in VOICES:
+        raise InvalidInput(f"unknown voice {req.voice!r}; choose one of {', '.join(VOICES)}")
+    if not 1 <= req.fps <= 60:
+        raise InvalidInput(f"fps must be within 1..60, got {req.fps}")
+    if not 1 <= req.chunk_frames <= 10_000:
+        raise InvalidInput(f"chunk frames must be within 1..10000, got {req.chunk_frames}")
+    if req.avatar not in BUILTIN_AVATARS:
+        with ctx.session() as s:
+            if queries.get_avatar(s, req.avatar) is None:
+                raise InvalidInput(
+                    f"unknown avatar {req.avatar!r}; add it with 'farm avatar add' "
+                    f"(built in: {', '.join(BUILTIN_AVATARS)})"
+                )
+
+
+def create(ctx: Context, req: JobRequest) -> str:
+    """Validate and record a job; the caller enqueues it (and deletes it if that fails)."""
+    validate(ctx, req)
+    job_id = uuid.uuid4().hex
+    with ctx.session() as s:
+        queries.insert_job(
+            s,
+            id=job_id,
+            avatar=req.avatar,
+            renderer=ctx.settings.renderer,
+            voice=req.voice,
+            script=req.script,
+            fps=req.fps,
+            width=req.size[0],
+            height=req.size[1],
+            chunk_frames=req.chunk_frames,
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+            priority=req.priority,
+        )
+    return job_id
+
+
+def forget(ctx: Context, job_id: str) -> None:
+    """Remove a job that was never accepted (it could not be enqueued)."""
+    with ctx.session() as s:
+        s.delete(queries.get_job(s, job_id))
+
+
+# --- stages -----------------------------------------------------------------
+
+
+def prepare(ctx: Context, job_id: str) -> int:
+    """Split the script into segment rows. Returns how many segments to speak
+    (0 when a redelivered task finds the job already past this stage)."""
+    with ctx.session() as s:
+        job = queries.get_job(s, job_id)
+        if job.state == states.QUEUED:
+            queries.transition(s, job_id, states.PREPARING)
+        elif job.state != states.PREPARING:
+            return 0
+        parts = split_script(
+            job.script, ctx.settings.max_segment_chars, ctx.settings.segment_pause_ms
+        )
+        job.segments_total = queries.insert_segments(s, job_id, parts)
+        queries.transition(s, job_id, states.SPEAKING)
+        return job.segments_total
+
+
+def segment_finished(ctx: Context, job_id: str, idx: int, seconds: float) -> bool:
+    """Record a spoken segment. True for exactly one caller: the one that saw the last."""
+    with ctx.session() as s:
+        queries.finish_segment(s, job_id, idx, seconds)
+    with ctx.session() as s:
+        job = queries.get_job(s, job_id)
+        if queries.count_done_segments(s, job_id) < job.segments_total:
+            return False
+        return queries.transition(s, job_id, states.PLANNING)
+
+
+def chunk_finished(ctx: Context, job_id: str, idx: int, render_seconds: float) -> bool:
+    """Record a rendered chunk. True for exactly one caller: the one that saw the last."""
+    with ctx.session() as s:
+        queries.finish_chunk(s, job_id, idx, render_seconds)
+    with ctx.session() as s:
+        job = queries.get_job(s, job_id)
+        if queries.count_done_chunks(s, job_id) < job.chunks_total:
+            return False
+        return queries.transition(s, job_id, states.MUXING)
+
+
+def chunk_ranges(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
+    n = math.ceil(frame_count / chunk_frames)
+    return [(i * chunk_frames, min((i + 1) * chunk_frames, frame_count)) for i in range(n)]
+
+
+def fail(ctx: Context, job_id: str, error: str) -> bool:
+    with ctx.session() as s:
+        return queries.transition(s, job_id, states.FAILED, error=error[:2000])
+
+
+def is_active(ctx: Context, job_id: str) -> bool:
+    with ctx.session() as s:
+        return queries.job_state(s, job_id) in states.ACTIVE
+
+
+def mux(ctx: Context, job_id: str) -> None:
+    """Join the chunks by stream copy, add the audio, check the frame count, store."""
+    started = time.perf_counter()
+    with ctx.session() as s:
+        job = queries.get_job(s, job_id)
+        if job.state != states.MUXING:
+            return
+        expected, n_chunks = job.frame_count, job.chunks_total
+    with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
+        work = Path(tmp)
+        parts = [
+            ctx.store.get_file(chunk_key(job_id, i), work / f"{i:05d}.mp4") for i in range(n_chunks)
+        ]
+        audio = ctx.store.get_file(job_key(job_id, "audio.wav"), work / "audio.wav")
+        (work / "list.txt").write_text(concat_list(parts), encoding="utf-8")
+        out = work / "final.mp4"
+        run_ffmpeg(mux_argv(ffmpeg_exe(), work / "list.txt", audio, out))
+        frames = count_frames(out)
+        if frames != expected:
+            raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")
+        ctx.store.put_file(job_key(job_id, "final.mp4"), out)
+    with ctx.session() as s:
+        queries.record_timing(s, job_id, "mux", time.perf_counter() - started)
+        queries.transition(s, job_id, states.PUBLISHING)
+
+
+def publish(ctx: Context, job_id: str) -> bool:
+    """Record where the video is; the job is done. True if this call finished it."""
+    key = job_key(job_id, "final.mp4")
+    if not ctx.store.exists(key):
+        raise PermanentError(f"the final video {key} is missing from the store")
+    with ctx.session() as s:
+        job = queries.get_job(s, job_id)
+        total = time.time() - job.created_at.timestamp()
+        done = queries.transition(s, job_id, states.SUCCEEDED, output_key=key)
+        if done:
+            queries.record_timing(s, job_id, "total", total)
+        return done

@@ -1,0 +1,91 @@
+"""Scripts: validation of what the user handed in, and splitting into TTS segments."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from farm.errors import InvalidInput
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+# Bidi overrides and isolates can make a script display differently from what is spoken.
+_BIDI = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+
+
+def decode_script(data: bytes, max_chars: int) -> str:
+    """Bytes from a file or stdin to clean text, or InvalidInput with one clear line."""
+    if b"\0" in data:
+        raise InvalidInput("the script is binary data, not text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"the script is not valid UTF-8 (byte {exc.start})") from exc
+    return clean_script(text, max_chars)
+
+
+def clean_script(text: str, max_chars: int) -> str:
+    text = unicodedata.normalize("NFC", text).translate(_BIDI)
+    text = "".join(ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else " " for ch in text)
+    if not any(ch.isalnum() for ch in text):
+        raise InvalidInput("the script is empty: it has no words to speak")
+    if len(text) > max_chars:
+        raise InvalidInput(
+            f"the script has {len(text)} characters; the limit is {max_chars} "
+            "(FARM_MAX_SCRIPT_CHARS)"
+        )
+    return text.strip()
+
+
+def split_script(text: str, max_chars: int, pause_ms: int) -> list[tuple[str, int]]:
+    """Segments of at most `max_chars`, each with the pause that follows it.
+
+    Sentences are grouped up to the limit so TTS calls are few but parallel; a
+    paragraph break gets twice the pause of a sentence break, and the last
+    segment gets none.
+    """
+    out: list[tuple[str, int]] = []
+    for paragraph in _PARAGRAPH.split(text):
+        words = " ".join(paragraph.split())
+        if not any(ch.isalnum() for ch in words):
+            continue
+        pieces = _pack(_sentences(words, max_chars), max_chars)
+        out.extend((p, pause_ms) for p in pieces[:-1])
+        out.append((pieces[-1], 2 * pause_ms))
+    if not out:
+        raise InvalidInput("the script is empty: it has no words to speak")
+    out[-1] = (out[-1][0], 0)
+    return out
+
+
+def _sentences(paragraph: str, max_chars: int) -> list[str]:
+    result: list[str] = []
+    for sentence in _SENTENCE_END.split(paragraph):
+        sentence = sentence.strip()
+        while len(sentence) > max_chars:
+            cut = _cut_point(sentence, max_chars)
+            result.append(sentence[:cut].strip())
+            sentence = sentence[cut:].strip()
+        if sentence:
+            result.append(sentence)
+    return result
+
+
+def _cut_point(sentence: str, max_chars: int) -> int:
+    """Prefer a clause boundary, then a space, then a hard cut."""
+    window = sentence[:max_chars]
+    for sep in (";", ",", " "):
+        at = window.rfind(sep)
+        if at > max_chars // 3:
+            return at + 1
+    return max_chars
+
+
+def _pack(sentences: list[str], max_chars: int) -> list[str]:
+    packed: list[str] = []
+    for s in sentences:
+        if packed and len(packed[-1]) + 1 + len(s) <= max_chars:
+            packed[-1] = f"{packed[-1]} {s}"
+        else:
+            packed.append(s)
+    return packed

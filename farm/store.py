@@ -1,0 +1,112 @@
+"""The artifact store: one namespace of keys for audio, plans, chunks and final videos.
+
+Workers share nothing but this store, so every artifact goes through it. The local
+directory store is the embedded default; S3-compatible stores plug in behind the
+same four verbs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from farm.errors import InvalidInput, NotFound
+
+
+def job_key(job_id: str, *parts: str) -> str:
+    return "/".join(("jobs", job_id, *parts))
+
+
+def chunk_key(job_id: str, idx: int) -> str:
+    return job_key(job_id, "chunks", f"{idx:05d}.mp4")
+
+
+def avatar_key(name: str, *parts: str) -> str:
+    return "/".join(("avatars", name, *parts))
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
+        raise InvalidInput(f"invalid artifact key {key!r}")
+    return key
+
+
+class Store(Protocol):
+    def put_file(self, key: str, path: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_file(self, key: str, dest: Path) -> Path: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def delete_prefix(self, prefix: str) -> int: ...
+    def url(self, key: str) -> str: ...
+
+
+class LocalStore:
+    """Keys are paths under a root directory. Writes are atomic (temp file + rename),
+    so a reader never sees half an artifact and a re-run overwrites cleanly."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put_file(self, key: str, path: Path) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"artifact {key} is missing from the store")
+        shutil.copyfile(src, dest)
+        return dest
+
+    def get_bytes(self, key: str) -> bytes:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"artifact {key} is missing from the store")
+        return src.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete_prefix(self, prefix: str) -> int:
+        target = self._path(prefix.rstrip("/"))
+        if target.is_file():
+            target.unlink()
+            return 1
+        if not target.is_dir():
+            return 0
+        count = sum(1 for p in target.rglob("*") if p.is_file())
+        shutil.rmtree(target)
+        return count
+
+    def url(self, key: str) -> str:
+        return str(self._path(key))
+
+
+def open_store(url: str) -> Store:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(Path(parsed.path))
+    if parsed.scheme in ("", None) and url:
+        return LocalStore(Path(url))
+    raise InvalidInput(f"unsupported artifact store URL {url!r} (use file:///path)")

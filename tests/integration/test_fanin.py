@@ -1,0 +1,92 @@
+"""Fan-in after segments and chunks, counted in the database: exactly one caller moves
+the job on, whatever the order, duplicates or concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import update
+
+from farm import jobs, queries, states
+from farm.context import Context
+from farm.db import Job
+
+
+def _job_in(ctx: Context, state: str, chunks: int) -> str:
+    job_id = jobs.create(ctx, jobs.JobRequest("Hello.", "demo", "joe", 25, (64, 64), 10, seed=1))
+    with ctx.session() as s:
+        queries.insert_chunks(s, job_id, [(i * 10, i * 10 + 10) for i in range(chunks)])
+        queries.get_job(s, job_id).chunks_total = chunks
+        s.execute(update(Job).where(Job.id == job_id).values(state=state))
+    return job_id
+
+
+def test_last_chunk_moves_job_once_even_with_duplicates(sqlite_ctx):
+    ctx = sqlite_ctx
+    job_id = _job_in(ctx, states.RENDERING, chunks=3)
+    assert jobs.chunk_finished(ctx, job_id, 0, 1.0) is False
+    assert jobs.chunk_finished(ctx, job_id, 0, 1.0) is False  # duplicate delivery
+    assert jobs.chunk_finished(ctx, job_id, 2, 1.0) is False
+    assert jobs.chunk_finished(ctx, job_id, 1, 1.0) is True
+    assert jobs.chunk_finished(ctx, job_id, 1, 1.0) is False  # redelivered last chunk
+    with ctx.session() as s:
+        assert queries.job_state(s, job_id) == states.MUXING
+        assert queries.count_done_chunks(s, job_id) == 3
+
+
+def test_failed_chunk_can_be_claimed_again_but_done_one_cannot(sqlite_ctx):
+    ctx = sqlite_ctx
+    job_id = _job_in(ctx, states.RENDERING, chunks=2)
+    with ctx.session() as s:
+        assert queries.start_chunk(s, job_id, 0, "w1")
+        queries.fail_chunk(s, job_id, 0, "boom")
+    with ctx.session() as s:
+        assert queries.start_chunk(s, job_id, 0, "w2")
+        assert queries.get_chunk(s, job_id, 0).attempts == 2
+    jobs.chunk_finished(ctx, job_id, 0, 0.5)
+    with ctx.session() as s:
+        assert not queries.start_chunk(s, job_id, 0, "w3")
+        assert queries.get_chunk(s, job_id, 0).worker == "w2"
+
+
+def test_concurrent_finishers_enqueue_mux_exactly_once(sqlite_ctx):
+    ctx = sqlite_ctx
+    for _ in range(5):
+        job_id = _job_in(ctx, states.RENDERING, chunks=8)
+        results: list[bool] = []
+        barrier = threading.Barrier(8)
+
+        def finish(i: int, job_id: str, barrier: threading.Barrier, out: list[bool]) -> None:
+            barrier.wait()
+            out.append(jobs.chunk_finished(ctx, job_id, i, 0.1))
+
+        threads = [
+            threading.Thread(target=finish, args=(i, job_id, barrier, results)) for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count(True) == 1
+
+
+def test_cancelled_job_is_not_moved_on(sqlite_ctx):
+    ctx = sqlite_ctx
+    job_id = _job_in(ctx, states.RENDERING, chunks=1)
+    with ctx.session() as s:
+        assert queries.transition(s, job_id, states.CANCELLED)
+    assert jobs.chunk_finished(ctx, job_id, 0, 1.0) is False
+    with ctx.session() as s:
+        assert queries.job_state(s, job_id) == states.CANCELLED
+
+
+def test_prepare_is_idempotent(sqlite_ctx):
+    ctx = sqlite_ctx
+    job_id = jobs.create(
+        ctx, jobs.JobRequest("One. Two.\n\nThree.", "demo", "joe", 25, (64, 64), 10, seed=1)
+    )
+    assert jobs.prepare(ctx, job_id) == 2
+    assert jobs.prepare(ctx, job_id) == 0  # redelivered: the job is past preparing
+    with ctx.session() as s:
+        assert len(queries.get_segments(s, job_id)) == 2
+        assert queries.job_state(s, job_id) == states.SPEAKING

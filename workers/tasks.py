@@ -1,0 +1,150 @@
+"""Thin Celery tasks: IDs in, one library call, the next step enqueued.
+
+The task graph (DESIGN.md): prepare -> tts x S -> plan -> render x N -> mux -> publish.
+Fan-in is counted in the database (farm.jobs.segment_finished / chunk_finished),
+not with a chord, so a failed or re-delivered member cannot wedge the job.
+Task ids are derived from (job, stage, index), so `farm cancel` can revoke them.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import Any
+
+from celery import Task
+
+from farm import jobs
+from farm.context import Context
+from farm.errors import Cancelled, PermanentError, RetryableError
+from workers.app import app, settings
+
+log = logging.getLogger("farm.tasks")
+
+
+@cache
+def context() -> Context:
+    """Made on first use in the worker's child process, after the fork."""
+    return Context(settings)
+
+
+def task_id(job_id: str, stage: str, idx: int | None = None) -> str:
+    return f"{job_id}-{stage}" if idx is None else f"{job_id}-{stage}-{idx}"
+
+
+class FarmTask(Task):
+    """Retries transient errors with backoff; anything else fails the job, once."""
+
+    autoretry_for = (RetryableError,)
+    retry_backoff = True
+    retry_backoff_max = 300
+    retry_jitter = True
+    max_retries = settings.task_max_retries
+    fails_job = True  # False for tasks whose first argument is not a job id
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Cancelled as exc:
+            log.info("%s stopped: %s", self.name, exc)
+            return None
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job_id = args[0] if args else kwargs.get("job_id")
+        if not self.fails_job or not job_id:
+            return
+        stage = self.name.removeprefix("farm.")
+        reason = str(exc) if isinstance(exc, PermanentError) else f"{type(exc).__name__}: {exc}"
+        ctx = context()
+        if stage == "render" and len(args) > 1:
+            from farm import queries
+
+            with ctx.session() as s:
+                queries.fail_chunk(s, job_id, args[1], reason)
+            reason = f"chunk {args[1]}: {reason}"
+        jobs.fail(ctx, job_id, f"{stage}: {reason}")
+
+
+def enqueue(
+    name: str, job_id: str, *args: Any, idx: int | None = None, priority: int | None = None
+) -> None:
+    stage = name.removeprefix("farm.")
+    app.send_task(
+        name, args=(job_id, *args), task_id=task_id(job_id, stage, idx), priority=priority
+    )
+
+
+@app.task(name="farm.prepare", base=FarmTask)
+def prepare(job_id: str) -> int:
+    n = jobs.prepare(context(), job_id)
+    for idx in range(n):
+        enqueue("farm.tts", job_id, idx, idx=idx)
+    return n
+
+
+@app.task(name="farm.tts", base=FarmTask)
+def tts(job_id: str, idx: int) -> float:
+    from models import stages
+
+    ctx = context()
+    if not jobs.is_active(ctx, job_id):
+        return 0.0
+    seconds = stages.speak(ctx, job_id, idx)
+    if jobs.segment_finished(ctx, job_id, idx, seconds):
+        enqueue("farm.plan", job_id)
+    return seconds
+
+
+@app.task(name="farm.plan", base=FarmTask)
+def plan(job_id: str) -> int:
+    from models import stages
+
+    ranges = stages.plan(context(), job_id)
+    for idx, (start, stop) in enumerate(ranges):
+        # The frame range rides along so Flower shows what each render task is.
+        enqueue("farm.render", job_id, idx, start, stop, idx=idx)
+    return len(ranges)
+
+
+@app.task(name="farm.render", base=FarmTask, bind=True)
+def render(self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0) -> bool:
+    from models import stages
+
+    last = stages.render(context(), job_id, idx, worker=self.request.hostname or "?")
+    if last:
+        enqueue("farm.mux", job_id)
+    return last
+
+
+@app.task(name="farm.mux", base=FarmTask)
+def mux(job_id: str) -> None:
+    jobs.mux(context(), job_id)
+    enqueue("farm.publish", job_id)
+
+
+@app.task(name="farm.publish", base=FarmTask)
+def publish(job_id: str) -> bool:
+    return jobs.publish(context(), job_id)
+
+
+@app.task(name="farm.register_avatar", base=FarmTask, fails_job=False)
+def register_avatar(name: str, source_key: str | None) -> str:
+    from models import stages
+
+    key, _ = stages.register_avatar(context(), name, source_key)
+    return key
+
+
+def revoke_job(job_id: str, segments: int, chunks: int) -> None:
+    """Queued tasks of a cancelled job never start; running ones see the flag."""
+    ids = [
+        task_id(job_id, "prepare"),
+        task_id(job_id, "plan"),
+        task_id(job_id, "mux"),
+        task_id(job_id, "publish"),
+    ]
+    ids += [task_id(job_id, "tts", i) for i in range(segments)]
+    ids += [task_id(job_id, "render", i) for i in range(chunks)]
+    app.control.revoke(ids)
