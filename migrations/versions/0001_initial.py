@@ -1,4 +1,4 @@
-"""initial tables
+"""Initial tables: avatars, jobs, segments, chunks.
 
 Revision ID: 0001
 Revises:
@@ -17,7 +17,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-        op.create_table(
+    op.create_table(
         "avatars",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=64), nullable=False),
@@ -58,8 +58,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("idempotency_key"),
     )
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_jobs_state"), ["state"], unique=False)
+    op.create_index("ix_jobs_state", "jobs", ["state"], unique=False)
 
     op.create_table(
         "chunks",
@@ -79,8 +78,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("job_id", "idx"),
     )
-    with op.batch_alter_table("chunks", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_chunks_job_id"), ["job_id"], unique=False)
+    op.create_index("ix_chunks_job_id", "chunks", ["job_id"], unique=False)
 
     op.create_table(
         "segments",
@@ -96,22 +94,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("job_id", "idx"),
     )
-    with op.batch_alter_table("segments", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_segments_job_id"), ["job_id"], unique=False)
-
+    op.create_index("ix_segments_job_id", "segments", ["job_id"], unique=False)
 
 
 def downgrade() -> None:
-        with op.batch_alter_table("segments", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_segments_job_id"))
+    op.drop_index("ix_segments_job_id", table_name="segments")
 
     op.drop_table("segments")
-    with op.batch_alter_table("chunks", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_chunks_job_id"))
+    op.drop_index("ix_chunks_job_id", table_name="chunks")
 
     op.drop_table("chunks")
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_jobs_state"))
+    op.drop_index("ix_jobs_state", table_name="jobs")
 
     op.drop_table("jobs")
     op.drop_table("avatars")
