@@ -1,0 +1,115 @@
+"""The portrait avatar: a square face crop of the user's photo and its landmarks."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from farm.errors import InvalidInput, PermanentError
+
+from .landmarks import CHIN, FOREHEAD_TOP, LANDMARK_COUNT, detect_landmarks
+
+CROP_SIZE = 512
+FORMAT_VERSION = 1
+# Crop side and centre in face heights (forehead top to chin): room for hair above
+# and neck and shoulders below, so the output is not a floating face.
+CROP_SIDE = 2.6
+CROP_SHIFT_DOWN = 0.25
+
+
+@dataclass(eq=False)
+class PortraitAvatar:
+    image: np.ndarray  # uint8 (512, 512, 3) RGB face crop
+    landmarks: np.ndarray  # float32 (478, 2) pixel x, y in the crop
+    # Per-(size, device, dtype) render tensors, built on first use: workers keep
+    # avatars in an LRU, so the precomputation is paid once per avatar and process.
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            version=np.array(FORMAT_VERSION),
+            image=self.image,
+            landmarks=self.landmarks.astype(np.float32),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PortraitAvatar:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                version, image, landmarks = int(z["version"]), z["image"], z["landmarks"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise PermanentError("not a portrait avatar artifact") from exc
+        if version != FORMAT_VERSION:
+            raise PermanentError(f"portrait avatar format {version} is not supported")
+        if image.shape != (CROP_SIZE, CROP_SIZE, 3) or landmarks.shape != (LANDMARK_COUNT, 2):
+            raise PermanentError("portrait avatar artifact has unexpected shapes")
+        return cls(image=image.astype(np.uint8), landmarks=landmarks.astype(np.float32))
+
+
+def prepare_avatar(photo: np.ndarray) -> PortraitAvatar:
+    """Detect the face and cut a square crop around it, padded where the photo ends."""
+    photo = _as_rgb_uint8(photo)
+    landmarks = detect_landmarks(photo)
+    x0, y0, side = _crop_square(landmarks, photo.shape[1], photo.shape[0])
+    crop = _extract(photo, x0, y0, side)
+    scale = CROP_SIZE / side
+    interpolation = cv2.INTER_AREA if side > CROP_SIZE else cv2.INTER_CUBIC
+    image = cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=interpolation)
+    local = (landmarks - np.array([x0, y0], dtype=np.float32)) * scale
+    return PortraitAvatar(image=image, landmarks=local.astype(np.float32))
+
+
+def demo_photo() -> np.ndarray:
+    """A public-domain NASA portrait shipped inside scikit-image."""
+    from skimage.data import astronaut
+
+    return astronaut()
+
+
+def _as_rgb_uint8(photo: np.ndarray) -> np.ndarray:
+    photo = np.asarray(photo)
+    if photo.dtype == np.uint8 and photo.ndim == 2:
+        photo = np.repeat(photo[:, :, None], 3, axis=2)
+    elif photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 4:
+        photo = photo[:, :, :3]  # alpha is dropped: the background stays as painted
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
+        raise InvalidInput("the photo must be an RGB uint8 image (height, width, 3)")
+    if min(photo.shape[:2]) < 64:
+        raise InvalidInput("the photo is too small (at least 64x64 pixels)")
+    return photo
+
+
+def _crop_square(landmarks: np.ndarray, width: int, height: int) -> tuple[int, int, int]:
+    """Top-left corner and side of the crop; shifted to stay inside the photo when
+    it fits, else it overhangs and `_extract` pads."""
+    top, chin = landmarks[FOREHEAD_TOP], landmarks[CHIN]
+    face_height = float(np.linalg.norm(chin - top))
+    side = max(int(round(CROP_SIDE * face_height)), 64)
+    cx = float(landmarks[:, 0].min() + landmarks[:, 0].max()) / 2
+    cy = float(top[1] + chin[1]) / 2 + CROP_SHIFT_DOWN * face_height
+
+    def place(centre: float, extent: int) -> int:
+        start = int(round(centre - side / 2))
+        return min(max(start, 0), extent - side) if side <= extent else start
+
+    return place(cx, width), place(cy, height), side
+
+
+def _extract(photo: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
+    height, width = photo.shape[:2]
+    pad = [
+        (max(0, -y0), max(0, y0 + side - height)),
+        (max(0, -x0), max(0, x0 + side - width)),
+        (0, 0),
+    ]
+    padded = np.pad(photo, pad, mode="edge")
+    ys, xs = y0 + pad[0][0], x0 + pad[1][0]
+    return padded[ys : ys + side, xs : xs + side]
