@@ -128,9 +128,9 @@ def submit(
         script=text,
         avatar=avatar,
         voice=voice,
-        fps=fps or settings.fps,
+        fps=settings.fps if fps is None else fps,
         size=jobs.parse_size(size or str(settings.size)),
-        chunk_frames=chunk_frames or settings.chunk_frames,
+        chunk_frames=settings.chunk_frames if chunk_frames is None else chunk_frames,
         seed=seed,
     )
     ctx = make_context(start_runtime=False)
@@ -412,6 +412,55 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"database at {revision}")
 
 
+@main.command()
+@click.option(
+    "--script",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Script to time (default: examples/bench.txt, ~30 s).",
+)
+@click.option("--runs", type=int, default=3, show_default=True, help="Runs per figure.")
+@click.option("--sizes", default="512,1280x720", show_default=True, help="Output sizes.")
+@click.option("--threads", default="1,2", show_default=True, help="Torch threads to try.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option(
+    "--e2e/--no-e2e", default=True, show_default=True, help="Also time whole jobs through the farm."
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the figures as JSON here.",
+)
+@fail_cleanly
+def bench(
+    script: Path | None,
+    runs: int,
+    sizes: str,
+    threads: str,
+    device: str,
+    e2e: bool,
+    json_out: Path | None,
+) -> None:
+    """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio."""
+    import json
+
+    from farm import bench as b
+
+    script = script or b.DEFAULT_SCRIPT
+    stages = b.stage_figures(script, runs, sizes, threads, device)
+    e2e_row = None
+    if e2e:
+        ctx = make_context()
+        text = script.read_text(encoding="utf-8")
+        b.end_to_end(ctx, _celery().enqueue, "Warm up the workers.", 1)
+        e2e_row = b.end_to_end(ctx, _celery().enqueue, text, runs)
+    click.echo(b.format_report(stages, e2e_row))
+    if json_out:
+        json_out.write_text(json.dumps({"stages": stages, "e2e": e2e_row}, indent=2))
+
+
 @main.command(name="fetch")
 @click.argument("job_id", metavar="JOB")
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
@@ -425,3 +474,7 @@ def fetch_output(job_id: str, dest: Path) -> None:
         raise InvalidInput(f"job {job.id} has no output (state {job.state})")
     ctx.store.get_file(job.output_key, dest)
     click.echo(str(dest))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from models.base import Renderer
 # name -> (module:class, the pip extra or package that provides its dependencies)
 RENDERERS: dict[str, tuple[str, str]] = {
     "portrait": ("models.portrait:PortraitRenderer", "farm"),
+    "null": ("models.null:NullRenderer", "farm"),  # no work: scheduling tests, overhead
 }
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from farm import jobs, queries, states
 from farm.context import Context
-from farm.errors import Cancelled, InvalidInput, NotFound
+from farm.errors import Cancelled, InvalidInput, NotFound, PermanentError
 from farm.media import FrameEncoder, VideoFormat
 from farm.store import avatar_key, chunk_key, job_key
 from models import tts
@@ -26,8 +26,7 @@ from models.registry import get_renderer
 
 def renderer_for(ctx: Context, name: str | None = None) -> Renderer:
     s = ctx.settings
-    return get_renderer(name or s.renderer, s.model_dir, s.device, s.render_batch,
-                        s.render_threads)
+    return get_renderer(name or s.renderer, s.model_dir, s.device, s.render_batch, s.render_threads)
 
 
 # --- tts --------------------------------------------------------------------
@@ -64,8 +63,9 @@ def assemble_audio(
     for samples, seg_rate, seg_phones, pause_ms in parts:
         if seg_rate != rate:
             raise InvalidInput(f"segments disagree on sample rate ({seg_rate} vs {rate})")
-        phones.extend(Phone(p.symbol, p.start + offset, p.end + offset, p.stress)
-                      for p in seg_phones)
+        phones.extend(
+            Phone(p.symbol, p.start + offset, p.end + offset, p.stress) for p in seg_phones
+        )
         silence = np.zeros(int(pause_ms * rate / 1000), np.int16)
         pieces += [samples.astype(np.int16), silence]
         offset += (len(samples) + len(silence)) / rate
@@ -99,7 +99,7 @@ def plan(ctx: Context, job_id: str) -> list[tuple[int, int]]:
     ctx.store.put_bytes(job_key(job_id, "audio.wav"), wav.getvalue())
 
     renderer = renderer_for(ctx, renderer_name)
-    avatar = load_avatar(ctx, avatar_name)
+    avatar = load_avatar(ctx, avatar_name, renderer_name)
     motion = renderer.plan(avatar, seconds, phones, fps, size, seed)
     if motion.frame_count != math.ceil(seconds * fps):
         raise InvalidInput(f"plan has {motion.frame_count} frames for {seconds:.3f} s")
@@ -157,12 +157,13 @@ def render(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
     return jobs.chunk_finished(ctx, job_id, idx, seconds)
 
 
-def _render_frames(ctx: Context, job_id: str, idx: int, frames: range, avatar_name: str,
-                   renderer_name: str) -> float:
+def _render_frames(
+    ctx: Context, job_id: str, idx: int, frames: range, avatar_name: str, renderer_name: str
+) -> float:
     started = time.perf_counter()
     motion = _cached_plan(ctx, job_id)
     renderer = renderer_for(ctx, renderer_name)
-    avatar = load_avatar(ctx, avatar_name)
+    avatar = load_avatar(ctx, avatar_name, renderer_name)
     fmt = VideoFormat(motion.width, motion.height, motion.fps)
     with tempfile.TemporaryDirectory(prefix="farm-chunk-") as tmp:
         out = Path(tmp) / f"{idx:05d}.mp4"
@@ -185,15 +186,19 @@ def _avatar_from_store(ctx: Context, renderer_name: str, key: str) -> AvatarArti
     return renderer_for(ctx, renderer_name).avatar_from_bytes(ctx.store.get_bytes(key))
 
 
-def load_avatar(ctx: Context, name: str) -> AvatarArtifact:
+def load_avatar(ctx: Context, name: str, renderer_name: str) -> AvatarArtifact:
     """An LRU of warm avatars per worker process; built-in avatars register on first use."""
     with ctx.session() as s:
         row = queries.get_avatar(s, name)
-        key, renderer_name = (row.artifact_key, row.renderer) if row else (None, None)
+        key, registered_for = (row.artifact_key, row.renderer) if row else (None, None)
     if key is None:
         if name not in jobs.BUILTIN_AVATARS:
             raise NotFound(f"unknown avatar {name!r}")
-        key, renderer_name = register_avatar(ctx, name, None)
+        key, registered_for = register_avatar(ctx, name, None)
+    if registered_for != renderer_name:
+        raise PermanentError(
+            f"avatar {name!r} was registered for the {registered_for} renderer, not {renderer_name}"
+        )
     return _avatar_from_store(ctx, renderer_name, key)
 
 
@@ -220,9 +225,15 @@ def register_avatar(ctx: Context, name: str, source_key: str | None) -> tuple[st
     ctx.store.put_bytes(key, artifact.to_bytes())
     try:
         with ctx.session() as s:
-            queries.upsert_avatar(s, name=name, renderer=renderer_name, artifact_key=key,
-                                  source_key=source_key, width=photo.shape[1],
-                                  height=photo.shape[0])
+            queries.upsert_avatar(
+                s,
+                name=name,
+                renderer=renderer_name,
+                artifact_key=key,
+                source_key=source_key,
+                width=photo.shape[1],
+                height=photo.shape[0],
+            )
     except IntegrityError:
         # Two workers registered the same built-in avatar at once: keep the first.
         with ctx.session() as s:

@@ -30,3 +30,39 @@ def sqlite_ctx(tmp_path: Path) -> Context:
     ctx = Context(settings)
     migrate.upgrade(settings.effective_database_url)
     return ctx
+
+
+PG_ADMIN_URL = os.environ.get(
+    "FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_up() -> bool:
+    try:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh, empty Postgres database for one test, dropped afterwards."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    need_service(_postgres_up(), f"Postgres at {PG_ADMIN_URL}")
+    name = f"farm_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

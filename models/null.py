@@ -1,0 +1,73 @@
+"""A renderer that does (almost) no work, for scheduling tests and for measuring the
+farm's own overhead per chunk. Each frame is a flat grey whose level encodes the
+frame index, so a test can still check that every frame arrived, once, in order.
+
+FARM_NULL_FRAME_MS makes each frame take that long (a stand-in for GPU time)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.base import CHANNELS, FrameSink, Phone, Plan, RenderStats
+
+
+@dataclass(frozen=True)
+class NullAvatar:
+    width: int
+    height: int
+
+    def to_bytes(self) -> bytes:
+        return f"{self.width}x{self.height}".encode()
+
+
+def frame_level(index: int) -> int:
+    return (index * 7) % 256
+
+
+class NullRenderer:
+    name = "null"
+
+    def __init__(self, batch_size: int = 16) -> None:
+        self.batch_size = batch_size
+        self.frame_seconds = float(os.environ.get("FARM_NULL_FRAME_MS", "0")) / 1000
+
+    def load(self, model_dir: Path, device: str) -> None:
+        self.device = "cpu"
+
+    def prepare_avatar(self, photo: np.ndarray) -> NullAvatar:
+        return NullAvatar(photo.shape[1], photo.shape[0])
+
+    def avatar_from_bytes(self, data: bytes) -> NullAvatar:
+        w, h = data.decode().split("x")
+        return NullAvatar(int(w), int(h))
+
+    def plan(
+        self,
+        avatar: NullAvatar,
+        speech_seconds: float,
+        phones: list[Phone],
+        fps: int,
+        size: tuple[int, int],
+        seed: int,
+    ) -> Plan:
+        frames = math.ceil(speech_seconds * fps)
+        return Plan(fps, size[0], size[1], seed, np.zeros((frames, len(CHANNELS)), np.float32))
+
+    def render(self, avatar: NullAvatar, plan: Plan, frames: range, sink: FrameSink) -> RenderStats:
+        started = time.perf_counter()
+        for start in range(frames.start, frames.stop, self.batch_size):
+            idx = range(start, min(start + self.batch_size, frames.stop))
+            if self.frame_seconds:
+                time.sleep(self.frame_seconds * len(idx))
+            levels = np.array([frame_level(i) for i in idx], np.uint8)
+            batch = np.broadcast_to(
+                levels[:, None, None, None], (len(idx), plan.height, plan.width, 3)
+            )
+            sink.write(batch)
+        return RenderStats(len(frames), time.perf_counter() - started, "cpu")
