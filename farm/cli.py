@@ -135,6 +135,7 @@ def submit(
     )
     ctx = make_context(start_runtime=False)
     jobs.validate(ctx, request)
+    ctx.store.check()  # a missing bucket or bad credentials: refuse now, not after TTS
     if ctx.settings.embedded:
         from farm import embedded
 

@@ -7,6 +7,7 @@ socket, and a local artifact directory, all under FARM_HOME.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ class Settings:
     database_url: str = ""  # empty: sqlite file under home
     broker_url: str = ""  # empty: embedded Redis under home
     result_backend: str = ""  # empty: same as the broker
-    store_url: str = ""  # empty: local directory under home
+    store_url: str = ""  # empty: local directory under home; or s3://bucket/prefix
+    s3_endpoint_url: str = ""  # MinIO or any S3-compatible endpoint; empty: AWS
+    s3_region: str = ""  # empty: boto3's usual sources
+    presign_seconds: int = 7 * 24 * 3600
     model_dir: Path = _default_model_dir()
     renderer: str = "portrait"
     device: str = "auto"  # auto | cpu | cuda
@@ -86,12 +90,28 @@ class Settings:
             kwargs[f.name] = _coerce(f.name, f.type, raw)
         return cls(**kwargs)
 
+    def describe(self) -> dict[str, str]:
+        """Effective settings for display, with passwords in URLs masked."""
+        shown = {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        shown.update(
+            database_url=self.effective_database_url,
+            broker_url=self.effective_broker_url,
+            result_backend=self.effective_result_backend,
+            store_url=self.effective_store_url,
+        )
+        return {k: mask_url(v) for k, v in shown.items()}
+
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
     def as_env(self) -> dict[str, str]:
         """The settings as FARM_* variables, for child processes."""
         return {f"FARM_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
+
+def mask_url(value: str) -> str:
+    """scheme://user:secret@host -> scheme://user:***@host; other text unchanged."""
+    return re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", value)
 
 
 def _coerce(name: str, type_: Any, raw: str) -> Any:

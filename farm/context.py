@@ -33,7 +33,7 @@ class Context:
 
     @cached_property
     def store(self) -> Store:
-        return open_store(self.settings.effective_store_url)
+        return open_store(self.settings)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from farm.config import Settings
 from farm.errors import InvalidInput, NotFound
 
 
@@ -37,6 +38,7 @@ def check_key(key: str) -> str:
 
 
 class Store(Protocol):
+    def check(self) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_file(self, key: str, dest: Path) -> Path: ...
@@ -55,6 +57,12 @@ class LocalStore:
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInput(f"artifact directory {self.root} is not writable: {exc}") from exc
 
     def put_file(self, key: str, path: Path) -> None:
         dest = self._path(key)
@@ -103,10 +111,21 @@ class LocalStore:
         return str(self._path(key))
 
 
-def open_store(url: str) -> Store:
+def open_store(settings: Settings) -> Store:
+    url = settings.effective_store_url
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalStore(Path(parsed.path))
-    if parsed.scheme in ("", None) and url:
-        return LocalStore(Path(url))
-    raise InvalidInput(f"unsupported artifact store URL {url!r} (use file:///path)")
+    if parsed.scheme == "s3":
+        from farm.s3 import S3Store
+
+        if not parsed.netloc:
+            raise InvalidInput(f"artifact store URL {url!r} names no bucket")
+        return S3Store(
+            bucket=parsed.netloc,
+            prefix=parsed.path.strip("/"),
+            endpoint_url=settings.s3_endpoint_url or None,
+            region=settings.s3_region or None,
+            presign_seconds=settings.presign_seconds,
+        )
+    raise InvalidInput(f"unsupported artifact store URL {url!r} (use file:///path or s3://)")

@@ -102,7 +102,7 @@ def bench_render(
         "plan_seconds": plan_s,
         "render_fps": frames / render_s,
         "encode_fps": frames / encode_s,
-        "device": renderer.device if hasattr(renderer, "device") else device,
+        "device": str(getattr(renderer, "device", device)),
     }
 
 

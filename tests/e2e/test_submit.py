@@ -112,3 +112,27 @@ def test_submit_without_wait_returns_at_once_and_cancel_stops_it(home):
     assert "cancelled" in status
     again = farm(home, "cancel", job_id)
     assert again.returncode == 1 and "already cancelled" in again.stderr.decode()
+
+
+def test_avatar_add_registers_a_photo_and_refuses_one_without_a_face(home, tmp_path):
+    from PIL import Image
+    from skimage.data import astronaut
+
+    photo = tmp_path / "ada.jpg"
+    Image.fromarray(astronaut()).save(photo)
+    added = farm(home, "avatar", "add", "ada", "--photo", str(photo))
+    assert added.returncode == 0, added.stderr.decode()
+    shown = farm(home, "avatar", "show", "ada").stdout.decode()
+    assert "portrait" in shown and "512x512" in shown
+
+    blank = tmp_path / "wall.png"
+    Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(blank)
+    refused = farm(home, "avatar", "add", "wall", "--photo", str(blank))
+    assert refused.returncode == 1
+    assert refused.stderr.decode().strip().splitlines() == [
+        "farm: error: no face found in the photo"
+    ]
+    assert "wall" not in farm(home, "avatar", "list").stdout.decode()
+    assert not (home / "artifacts" / "avatars" / "wall").exists() or not any(
+        (home / "artifacts" / "avatars" / "wall").rglob("*.*")
+    )

@@ -1,0 +1,163 @@
+"""The artifact store on S3 or any S3-compatible endpoint (MinIO, moto), via boto3.
+
+Errors are sorted at this boundary: a missing bucket or refused credentials are
+permanent (the job fails at once with that reason); 5xx, throttling, timeouts and
+refused connections are retryable (the task backs off and tries again)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from farm.errors import NotFound, PermanentError, RetryableError
+from farm.store import check_key
+
+T = TypeVar("T")
+
+MULTIPART_BYTES = 8 * 1024 * 1024
+_PERMANENT = {
+    "NoSuchBucket": "the S3 bucket {bucket!r} does not exist",
+    "AccessDenied": "S3 refused access to bucket {bucket!r}",
+    "InvalidAccessKeyId": "S3 refused the credentials (unknown access key)",
+    "SignatureDoesNotMatch": "S3 refused the credentials (bad secret key)",
+    "InvalidBucketName": "{bucket!r} is not a valid S3 bucket name",
+}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def _sorted_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> T:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            NoCredentialsError,
+        )
+
+        try:
+            return fn(self, *args, **kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in _PERMANENT:
+                raise PermanentError(_PERMANENT[code].format(bucket=self.bucket)) from exc
+            if code in _MISSING:
+                raise NotFound(
+                    f"artifact {args[0] if args else ''} is missing from the store"
+                ) from exc
+            if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+                raise RetryableError(f"S3 is failing ({code or status}); will retry") from exc
+            raise PermanentError(f"S3 error {code or status}: {exc}") from exc
+        except NoCredentialsError as exc:
+            raise PermanentError("no S3 credentials found (set AWS_ACCESS_KEY_ID ...)") from exc
+        except (ConnectionError, BotoCoreError) as exc:
+            raise RetryableError(f"S3 endpoint unreachable: {exc}") from exc
+
+    return wrapper
+
+
+class S3Store:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        presign_seconds: int = 3600,
+    ) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.presign_seconds = presign_seconds
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                connect_timeout=5,
+                read_timeout=60,
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"},
+            ),
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES
+        )
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @_sorted_errors
+    def check(self) -> None:
+        """Fail fast on a missing bucket or bad credentials."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise PermanentError(_PERMANENT["NoSuchBucket"].format(bucket=self.bucket)) from exc
+            if code in ("403",):
+                raise PermanentError(f"S3 refused access to bucket {self.bucket!r}") from exc
+            raise
+
+    @_sorted_errors
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+
+    @_sorted_errors
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    @_sorted_errors
+    def get_file(self, key: str, dest: Path) -> Path:
+        self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
+        return dest
+
+    @_sorted_errors
+    def get_bytes(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    @_sorted_errors
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as exc:
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code in _MISSING:
+                return False
+            raise
+
+    @_sorted_errors
+    def delete_prefix(self, prefix: str) -> int:
+        full = self._key(prefix.rstrip("/"))
+        count = 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full
+        )
+        for page in pages:
+            keys = [
+                {"Key": o["Key"]}
+                for o in page.get("Contents", [])
+                if o["Key"] == full or o["Key"].startswith(full + "/")
+            ]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+                count += len(keys)
+        return count
+
+    @_sorted_errors
+    def url(self, key: str) -> str:
+        """A presigned GET URL, made when read."""
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=self.presign_seconds,
+        )
