@@ -369,21 +369,76 @@ def avatar_show(name: str) -> None:
     "-Q",
     default="cpu,render",
     show_default=True,
-    help="Comma-separated queues to consume.",
+    help="Comma-separated queues to consume: cpu, render.",
 )
 @click.option(
-    "--concurrency", "-c", type=int, default=1, show_default=True, help="Worker processes."
+    "--concurrency",
+    "-c",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes (ignored with --gpus: one per GPU).",
+)
+@click.option(
+    "--gpus",
+    default=None,
+    help="'all' or GPU indices: one pinned worker process per GPU, concurrency 1.",
 )
 @click.option("--hostname", "-n", default=None, help="Worker name (default QUEUES@host).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @fail_cleanly
-def worker(queues: str, concurrency: int, hostname: str | None, loglevel: str) -> None:
-    """Run a Celery worker on this machine (replaces this process)."""
+def worker(
+    queues: str, concurrency: int, gpus: str | None, hostname: str | None, loglevel: str
+) -> None:
+    """Run Celery workers on this machine against the configured broker."""
     from farm import embedded
+    from farm import gpus as gpu
 
-    name = hostname or f"{queues.replace(',', '+')}@%h"
-    argv = embedded.worker_argv(queues, concurrency, name, loglevel)
+    unknown = set(queues.split(",")) - {"cpu", "render"}
+    if unknown:
+        raise InvalidInput(f"unknown queue {', '.join(sorted(unknown))}: use cpu, render")
+    base = hostname or queues.replace(",", "+")
+    if gpus is None:
+        argv = embedded.worker_argv(queues, concurrency, f"{base}@%h", loglevel)
+        os.execv(argv[0], argv)
+    chosen = gpu.select_gpus(gpus, gpu.visible_gpus())
+    names = {f"{base}-gpu{g}@%h": g for g in chosen}
+    argvs = {n: embedded.worker_argv(queues, 1, n, loglevel) for n in names}
+    envs = {n: gpu.gpu_worker_env(g) for n, g in names.items()}
+    click.echo(f"starting {len(names)} worker(s): {', '.join(names)}", err=True)
+    sys.exit(gpu.supervise(argvs, envs))
+
+
+@main.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0 inside a container).",
+)
+@fail_cleanly
+def flower(port: int, address: str) -> None:
+    """Start Flower, the live dashboard of queues, workers and tasks, on the broker."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+    ]
     os.execv(argv[0], argv)
+
+
+@main.command(name="config")
+@fail_cleanly
+def show_config() -> None:
+    """Print the effective settings (passwords in URLs masked)."""
+    for name, value in Settings.from_env().describe().items():
+        click.echo(f"FARM_{name.upper():24} {value}")
 
 
 @main.command()

@@ -23,15 +23,6 @@ def need_service(ok: bool, what: str) -> None:
     pytest.skip(f"{what} is not available")
 
 
-@pytest.fixture
-def sqlite_ctx(tmp_path: Path) -> Context:
-    """A Context on a fresh, migrated SQLite database and a local store."""
-    settings = Settings(home=tmp_path / "home")
-    ctx = Context(settings)
-    migrate.upgrade(settings.effective_database_url)
-    return ctx
-
-
 PG_ADMIN_URL = os.environ.get(
     "FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -66,3 +57,16 @@ def postgres_url():
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_ctx(request, tmp_path: Path) -> Context:
+    """A Context on a fresh, migrated database: SQLite, then real Postgres."""
+    url = ""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    settings = Settings(home=tmp_path / "home", database_url=url)
+    migrate.upgrade(settings.effective_database_url)
+    ctx = Context(settings)
+    yield ctx
+    ctx.engine.dispose()

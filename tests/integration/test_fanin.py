@@ -21,8 +21,8 @@ def _job_in(ctx: Context, state: str, chunks: int) -> str:
     return job_id
 
 
-def test_last_chunk_moves_job_once_even_with_duplicates(sqlite_ctx):
-    ctx = sqlite_ctx
+def test_last_chunk_moves_job_once_even_with_duplicates(db_ctx):
+    ctx = db_ctx
     job_id = _job_in(ctx, states.RENDERING, chunks=3)
     assert jobs.chunk_finished(ctx, job_id, 0, 1.0) is False
     assert jobs.chunk_finished(ctx, job_id, 0, 1.0) is False  # duplicate delivery
@@ -34,8 +34,8 @@ def test_last_chunk_moves_job_once_even_with_duplicates(sqlite_ctx):
         assert queries.count_done_chunks(s, job_id) == 3
 
 
-def test_failed_chunk_can_be_claimed_again_but_done_one_cannot(sqlite_ctx):
-    ctx = sqlite_ctx
+def test_failed_chunk_can_be_claimed_again_but_done_one_cannot(db_ctx):
+    ctx = db_ctx
     job_id = _job_in(ctx, states.RENDERING, chunks=2)
     with ctx.session() as s:
         assert queries.start_chunk(s, job_id, 0, "w1")
@@ -49,8 +49,8 @@ def test_failed_chunk_can_be_claimed_again_but_done_one_cannot(sqlite_ctx):
         assert queries.get_chunk(s, job_id, 0).worker == "w2"
 
 
-def test_concurrent_finishers_enqueue_mux_exactly_once(sqlite_ctx):
-    ctx = sqlite_ctx
+def test_concurrent_finishers_enqueue_mux_exactly_once(db_ctx):
+    ctx = db_ctx
     for _ in range(5):
         job_id = _job_in(ctx, states.RENDERING, chunks=8)
         results: list[bool] = []
@@ -70,8 +70,8 @@ def test_concurrent_finishers_enqueue_mux_exactly_once(sqlite_ctx):
         assert results.count(True) == 1
 
 
-def test_cancelled_job_is_not_moved_on(sqlite_ctx):
-    ctx = sqlite_ctx
+def test_cancelled_job_is_not_moved_on(db_ctx):
+    ctx = db_ctx
     job_id = _job_in(ctx, states.RENDERING, chunks=1)
     with ctx.session() as s:
         assert queries.transition(s, job_id, states.CANCELLED)
@@ -80,8 +80,8 @@ def test_cancelled_job_is_not_moved_on(sqlite_ctx):
         assert queries.job_state(s, job_id) == states.CANCELLED
 
 
-def test_prepare_is_idempotent(sqlite_ctx):
-    ctx = sqlite_ctx
+def test_prepare_is_idempotent(db_ctx):
+    ctx = db_ctx
     job_id = jobs.create(
         ctx, jobs.JobRequest("One. Two.\n\nThree.", "demo", "joe", 25, (64, 64), 10, seed=1)
     )

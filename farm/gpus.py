@@ -1,0 +1,73 @@
+"""GPU workers: one Celery worker process per visible GPU, each pinned with
+CUDA_VISIBLE_DEVICES, concurrency 1. Found with nvidia-smi, never by importing torch
+(CUDA must not be initialised before the fork)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from farm.errors import InvalidInput
+
+
+def visible_gpus() -> list[str]:
+    """GPU indices this process may use: CUDA_VISIBLE_DEVICES if set, else nvidia-smi."""
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if pinned is not None:
+        return [g.strip() for g in pinned.split(",") if g.strip() and g.strip() != "-1"]
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    proc = subprocess.run(
+        [exe, "--query-gpu=index", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+def select_gpus(spec: str, available: list[str]) -> list[str]:
+    """'all' or a comma list of indices, checked against what is visible."""
+    if spec == "all":
+        if not available:
+            raise InvalidInput("--gpus all: no NVIDIA GPU is visible on this machine")
+        return available
+    wanted = [g.strip() for g in spec.split(",") if g.strip()]
+    missing = [g for g in wanted if g not in available]
+    if missing or not wanted:
+        raise InvalidInput(
+            f"--gpus {spec}: GPU {', '.join(missing) or '?'} is not visible "
+            f"(visible: {', '.join(available) or 'none'})"
+        )
+    return wanted
+
+
+def gpu_worker_env(gpu: str) -> dict[str, str]:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "FARM_DEVICE": "cuda"}
+
+
+def supervise(argvs: dict[str, list[str]], envs: dict[str, dict[str, str]]) -> int:
+    """Run the worker processes; forward SIGTERM/SIGINT (warm shutdown) and return
+    when all have exited. If one dies, stop the others: let the orchestrator restart
+    the whole box's set rather than run with a GPU silently idle."""
+    procs = {name: subprocess.Popen(argv, env=envs[name]) for name, argv in argvs.items()}
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while any(p.poll() is None for p in procs.values()):
+        if not stopping and any(p.poll() is not None for p in procs.values()):
+            forward(signal.SIGTERM, None)
+        time.sleep(0.5)
+    return max((p.returncode or 0) for p in procs.values())
