@@ -105,3 +105,80 @@ def format_report(stages: dict, e2e: dict | None) -> str:
             f"  wall/audio {e2e['wall_over_audio']:.2f}"
         )
     return "\n".join(lines)
+
+
+SCALING_SCRIPT = (
+    "This job measures how the farm scales. It is cut into many small chunks, and each "
+    "chunk is handed to whichever render worker is free."
+)
+
+
+def scaling(
+    ctx: Context,
+    enqueue: Any,
+    worker_counts: list[int],
+    frame_ms: int,
+    chunk_frames: int,
+    start_workers: Any,
+) -> list[dict[str, float]]:
+    """Chunk throughput with W render workers, and the farm's overhead per chunk.
+
+    The `null` renderer stands in for the GPU: each frame takes `frame_ms` of wall
+    time (0: no work at all). Overhead per chunk = (W x rendering wall time - time
+    spent rendering and encoding) / chunks: dispatch, state updates, store round trips.
+    """
+    rows = []
+    for count in worker_counts:
+        with start_workers(count, frame_ms):
+            _run_job(ctx, enqueue, "Warm up.", chunk_frames)
+            job_id = _run_job(ctx, enqueue, SCALING_SCRIPT, chunk_frames)
+        with ctx.session() as s:
+            chunks = queries.get_chunks(s, job_id)
+        first = min(c.started_at for c in chunks if c.started_at)
+        last = max(c.finished_at for c in chunks if c.finished_at)
+        wall = (last - first).total_seconds()
+        busy = sum(c.render_seconds or 0.0 for c in chunks)
+        rows.append(
+            {
+                "workers": count,
+                "chunks": len(chunks),
+                "frame_ms": frame_ms,
+                "chunks_per_second": len(chunks) / wall,
+                "overhead_ms_per_chunk": 1000 * (count * wall - busy) / len(chunks),
+                "render_encode_ms_per_chunk": 1000 * busy / len(chunks),
+            }
+        )
+    return rows
+
+
+def _run_job(ctx: Context, enqueue: Any, text: str, chunk_frames: int) -> str:
+    req = jobs.JobRequest(
+        text, "demo", "joe", ctx.settings.fps, (64, 64), chunk_frames, seed=1, renderer="null"
+    )
+    job_id = jobs.create(ctx, req)
+    enqueue("farm.prepare", job_id)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        with ctx.session() as s:
+            job = queries.get_job(s, job_id)
+        if job.state in states.FINAL:
+            if job.state != states.SUCCEEDED:
+                raise FarmError(f"benchmark job {job_id} {job.state}: {job.error}")
+            return job_id
+        time.sleep(0.05)
+    raise FarmError(f"benchmark job {job_id} did not finish in 600 s")
+
+
+def format_scaling(rows: list[dict[str, float]]) -> str:
+    lines = ["Render worker scaling (null renderer standing in for the GPU)"]
+    for r in rows:
+        lines.append(
+            f"  {r['workers']} worker(s)  {r['frame_ms']:>3} ms/frame  {r['chunks']:4} chunks"
+            f"  {r['chunks_per_second']:7.2f} chunks/s  overhead {r['overhead_ms_per_chunk']:6.1f}"
+            f" ms/chunk  (render+encode {r['render_encode_ms_per_chunk']:.1f} ms/chunk)"
+        )
+    by = {(r["workers"], r["frame_ms"]): r["chunks_per_second"] for r in rows}
+    for (w, ms), rate in sorted(by.items()):
+        if w > 1 and (1, ms) in by:
+            lines.append(f"  {w} vs 1 worker(s) at {ms} ms/frame: {rate / by[(1, ms)]:.2f}x")
+    return "\n".join(lines)

@@ -483,6 +483,18 @@ def db_upgrade(revision: str) -> None:
     "--e2e/--no-e2e", default=True, show_default=True, help="Also time whole jobs through the farm."
 )
 @click.option(
+    "--workers",
+    default=None,
+    help="Render worker counts to compare, e.g. 1,2 (needs FARM_BROKER_URL): "
+    "chunk throughput and the farm's overhead per chunk.",
+)
+@click.option(
+    "--frame-ms",
+    default="0,40",
+    show_default=True,
+    help="With --workers: simulated render time per frame of the null renderer.",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -497,12 +509,22 @@ def bench(
     threads: str,
     device: str,
     e2e: bool,
+    workers: str | None,
+    frame_ms: str,
     json_out: Path | None,
 ) -> None:
-    """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio."""
+    """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio;
+    with --workers, render-worker scaling and the per-chunk overhead instead."""
     import json
 
     from farm import bench as b
+
+    if workers:
+        rows = _bench_scaling(workers, frame_ms)
+        click.echo(b.format_scaling(rows))
+        if json_out:
+            json_out.write_text(json.dumps({"scaling": rows}, indent=2))
+        return
 
     script = script or b.DEFAULT_SCRIPT
     stages = b.stage_figures(script, runs, sizes, threads, device)
@@ -515,6 +537,61 @@ def bench(
     click.echo(b.format_report(stages, e2e_row))
     if json_out:
         json_out.write_text(json.dumps({"stages": stages, "e2e": e2e_row}, indent=2))
+
+
+def _bench_scaling(workers: str, frame_ms: str) -> list[dict[str, float]]:
+    import contextlib
+    import signal
+    import subprocess
+    import tempfile
+
+    from farm import bench as b
+    from farm import embedded
+
+    ctx = make_context(start_runtime=False)
+    if ctx.settings.embedded:
+        raise InvalidInput(
+            "--workers measures a farm on real services: set FARM_BROKER_URL "
+            "(and FARM_DATABASE_URL) first"
+        )
+    logs = Path(tempfile.mkdtemp(prefix="farm-bench-"))
+
+    @contextlib.contextmanager
+    def start_workers(count: int, ms: int):  # type: ignore[no-untyped-def]
+        env = {**os.environ, "FARM_NULL_FRAME_MS": str(ms), "FARM_RENDER_THREADS": "1"}
+        names = ["bench-cpu"] + [f"bench-render{i}" for i in range(count)]
+        procs = []
+        for name in names:
+            queue = "cpu" if name == "bench-cpu" else "render"
+            argv = embedded.worker_argv(
+                queue, 2 if queue == "cpu" else 1, f"{name}@%h", "WARNING", logs / f"{name}.log"
+            )
+            procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
+        try:
+            _wait_for_workers({f"{n}@" for n in names})
+            yield
+        finally:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                p.wait(timeout=120)
+
+    rows = []
+    for ms in (int(v) for v in frame_ms.split(",")):
+        counts = [int(v) for v in workers.split(",")]
+        rows += b.scaling(ctx, _celery().enqueue, counts, ms, 5, start_workers)
+    return rows
+
+
+def _wait_for_workers(prefixes: set[str], timeout: float = 120) -> None:
+    from workers.app import app
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = {name for reply in (app.control.ping(timeout=1.0) or []) for name in reply}
+        if all(any(s.startswith(p) for s in seen) for p in prefixes):
+            return
+    raise RetryableError(f"benchmark workers did not start within {timeout:.0f} s")
 
 
 @main.command(name="fetch")

@@ -59,6 +59,7 @@ class JobRequest:
     chunk_frames: int
     seed: int | None = None
     priority: int = 5
+    renderer: str | None = None  # None: the configured default
 
 
 def validate(ctx: Context, req: JobRequest) -> None:
@@ -87,7 +88,7 @@ def create(ctx: Context, req: JobRequest) -> str:
             s,
             id=job_id,
             avatar=req.avatar,
-            renderer=ctx.settings.renderer,
+            renderer=req.renderer or ctx.settings.renderer,
             voice=req.voice,
             script=req.script,
             fps=req.fps,

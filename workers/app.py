@@ -45,7 +45,9 @@ def make_app(settings: Settings) -> Celery:
         # Events for Flower: sent, started, succeeded, failed.
         task_send_sent_event=True,
         worker_send_task_events=True,
-        task_track_started=True,
+        # Progress lives in the database; results only where a caller waits for one
+        # (avatar registration), which saves a backend round trip on every task.
+        task_ignore_result=True,
         worker_hijack_root_logger=False,
     )
     return app

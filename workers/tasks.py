@@ -129,7 +129,7 @@ def publish(job_id: str) -> bool:
     return jobs.publish(context(), job_id)
 
 
-@app.task(name="farm.register_avatar", base=FarmTask, fails_job=False)
+@app.task(name="farm.register_avatar", base=FarmTask, fails_job=False, ignore_result=False)
 def register_avatar(name: str, source_key: str | None) -> str:
     from models import stages
 
