@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from farm.errors import NotFound, PermanentError, RetryableError
+from farm.errors import FarmError, NotFound, PermanentError, RetryableError
 from farm.store import check_key
 
 T = TypeVar("T")
@@ -27,9 +27,22 @@ _PERMANENT = {
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
+def _from_client_error(store: S3Store, exc: Any, args: tuple[Any, ...]) -> FarmError:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code in _PERMANENT:
+        return PermanentError(_PERMANENT[code].format(bucket=store.bucket))
+    if code in _MISSING:
+        return NotFound(f"artifact {args[0] if args else ''} is missing from the store")
+    if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
+        return RetryableError(f"S3 is failing ({code or status}); will retry")
+    return PermanentError(f"S3 error {code or status}: {exc}")
+
+
 def _sorted_errors(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> T:
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -40,17 +53,18 @@ def _sorted_errors(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(self, *args, **kwargs)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if code in _PERMANENT:
-                raise PermanentError(_PERMANENT[code].format(bucket=self.bucket)) from exc
-            if code in _MISSING:
-                raise NotFound(
-                    f"artifact {args[0] if args else ''} is missing from the store"
-                ) from exc
-            if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
-                raise RetryableError(f"S3 is failing ({code or status}); will retry") from exc
-            raise PermanentError(f"S3 error {code or status}: {exc}") from exc
+            raise _from_client_error(self, exc, args) from exc
+        except S3UploadFailedError as exc:
+            # upload_file re-raises any ClientError as this (not a ClientError), keeping
+            # the original only as implicit context: sort by that, or a missing bucket
+            # would escape unsorted.
+            if isinstance(exc.__context__, ClientError):
+                raise _from_client_error(self, exc.__context__, args) from exc
+            raise PermanentError(f"S3 upload failed: {exc}") from exc
+        except RetriesExceededError as exc:
+            # download_file's own retries of a broken body stream ran out; not a
+            # BotoCoreError, but as transient as the stream errors it wraps.
+            raise RetryableError(f"S3 download kept failing: {exc.last_exception}") from exc
         except NoCredentialsError as exc:
             raise PermanentError("no S3 credentials found (set AWS_ACCESS_KEY_ID ...)") from exc
         except (ConnectionError, BotoCoreError) as exc:
@@ -84,6 +98,9 @@ class S3Store:
                 read_timeout=60,
                 retries={"max_attempts": 3, "mode": "standard"},
                 s3={"addressing_style": "path"},
+                # Without this botocore presigns with legacy SigV2 in regions that still
+                # allow it (us-east-1 included); SigV4-only stores reject those URLs.
+                signature_version="s3v4",
             ),
         )
         self.transfer = TransferConfig(
@@ -97,15 +114,9 @@ class S3Store:
     @_sorted_errors
     def check(self) -> None:
         """Fail fast on a missing bucket or bad credentials."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket"):
-                raise PermanentError(_PERMANENT["NoSuchBucket"].format(bucket=self.bucket)) from exc
-            if code in ("403",):
-                raise PermanentError(f"S3 refused access to bucket {self.bucket!r}") from exc
-            raise
+        # A GET, not HeadBucket: the answer to a HEAD has no body, so its bare 403 cannot
+        # tell bad credentials from a missing permission. Both need only s3:ListBucket.
+        self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
 
     @_sorted_errors
     def put_file(self, key: str, path: Path) -> None:
