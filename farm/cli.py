@@ -397,6 +397,7 @@ def worker(
     unknown = set(queues.split(",")) - {"cpu", "render"}
     if unknown:
         raise InvalidInput(f"unknown queue {', '.join(sorted(unknown))}: use cpu, render")
+    _require_broker()
     base = hostname or queues.replace(",", "+")
     if gpus is None:
         argv = embedded.worker_argv(queues, concurrency, f"{base}@%h", loglevel)
@@ -420,6 +421,7 @@ def worker(
 @fail_cleanly
 def flower(port: int, address: str) -> None:
     """Start Flower, the live dashboard of queues, workers and tasks, on the broker."""
+    _require_broker()
     argv = [
         sys.executable,
         "-m",
@@ -431,6 +433,18 @@ def flower(port: int, address: str) -> None:
         f"--address={address}",
     ]
     os.execv(argv[0], argv)
+
+
+def _require_broker() -> None:
+    """Workers and Flower need a broker: the configured one, or a running embedded one."""
+    from farm import embedded
+
+    settings = Settings.from_env()
+    if settings.embedded and embedded.running_pid(settings) is None:
+        raise InvalidInput(
+            "no broker: set FARM_BROKER_URL (e.g. redis://host:6379/0), or start the "
+            "embedded runtime by submitting a job"
+        )
 
 
 @main.command(name="config")

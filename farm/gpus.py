@@ -54,7 +54,7 @@ def supervise(argvs: dict[str, list[str]], envs: dict[str, dict[str, str]]) -> i
     """Run the worker processes; forward SIGTERM/SIGINT (warm shutdown) and return
     when all have exited. If one dies, stop the others: let the orchestrator restart
     the whole box's set rather than run with a GPU silently idle."""
-    procs = {name: subprocess.Popen(argv, env=envs[name]) for name, argv in argvs.items()}
+    procs: dict[str, subprocess.Popen] = {}
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -64,10 +64,15 @@ def supervise(argvs: dict[str, list[str]], envs: dict[str, dict[str, str]]) -> i
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Handlers first: a SIGTERM while the workers start must still reach them.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for name, argv in argvs.items():
+        if not stopping:
+            procs[name] = subprocess.Popen(argv, env=envs[name])
     while any(p.poll() is None for p in procs.values()):
         if not stopping and any(p.poll() is not None for p in procs.values()):
             forward(signal.SIGTERM, None)
         time.sleep(0.5)
-    return max((p.returncode or 0) for p in procs.values())
+    # Any worker that did not exit cleanly (a signal gives a negative code) fails the set.
+    return 0 if all(p.returncode == 0 for p in procs.values()) else 1
