@@ -109,6 +109,13 @@ def _read_script(source: str, settings: Settings) -> str:
     default=None,
     help="With --wait: copy the finished MP4 here.",
 )
+@click.option(
+    "--webhook",
+    default=None,
+    metavar="URL",
+    help="POST a signed job.succeeded / job.failed event here "
+    "[default: the avatar's webhook, else env FARM_WEBHOOK_URL].",
+)
 @fail_cleanly
 def submit(
     script: str,
@@ -120,6 +127,7 @@ def submit(
     seed: int | None,
     wait: bool,
     output: Path | None,
+    webhook: str | None,
 ) -> None:
     """Submit SCRIPT (a UTF-8 text file, or - for stdin) as a job; print its id."""
     settings = Settings.from_env()
@@ -132,6 +140,7 @@ def submit(
         size=jobs.parse_size(size or str(settings.size)),
         chunk_frames=settings.chunk_frames if chunk_frames is None else chunk_frames,
         seed=seed,
+        webhook=webhook,
     )
     ctx = make_context(start_runtime=False)
     jobs.validate(ctx, request)
@@ -291,6 +300,18 @@ def cancel(job_id: str) -> None:
     except Exception as exc:  # the flag alone still stops every task that runs
         click.echo(f"farm: warning: could not revoke queued tasks: {exc}", err=True)
     click.echo(f"cancelled {job.id}")
+    _batch_job_ended(ctx, job.id)
+
+
+def _batch_job_ended(ctx: Context, job_id: str) -> None:
+    """A cancelled job may be the last of its batch: then the batch completes here."""
+    from farm import batches
+
+    batch_id = batches.job_finished(ctx, job_id)
+    if batch_id is not None:
+        done = batches.complete(ctx, batch_id)
+        if done is not None:
+            click.echo(f"batch completed; report at {ctx.store.url(done.report_key)}")
 
 
 # --- avatars ----------------------------------------------------------------
@@ -316,15 +337,26 @@ def avatar() -> None:
     show_default=True,
     help="Seconds to wait for registration.",
 )
+@click.option(
+    "--webhook",
+    default=None,
+    metavar="URL",
+    help="Default webhook of this avatar's jobs (submit --webhook overrides it).",
+)
 @fail_cleanly
-def avatar_add(name: str, photo: Path, timeout: float) -> None:
+def avatar_add(name: str, photo: Path, timeout: float, webhook: str | None) -> None:
     """Register NAME from a photo: face landmarks and caches, done by a worker."""
-    from farm import avatars
+    from farm import avatars, webhooks
 
     jobs.check_avatar_name(name)
+    if webhook:  # refuse a bad target before the (slow) registration
+        webhooks.check_target(webhook, Settings.from_env())
     data = avatars.read_photo(photo, Settings.from_env())
     ctx = make_context()
     key = avatars.register(ctx, _celery(), name, data, timeout)
+    if webhook:
+        with ctx.session() as s:
+            queries.set_avatar_webhook(s, name, webhook)
     click.echo(f"added avatar {name} ({key})")
 
 
@@ -358,6 +390,266 @@ def avatar_show(name: str) -> None:
     )
     click.echo(f"source    {ctx.store.url(row.source_key)}\nartifact  {row.artifact_key}")
     click.echo(f"created   {row.created_at:%Y-%m-%d %H:%M:%S} UTC")
+    if row.webhook_url:
+        click.echo(f"webhook   {row.webhook_url}")
+
+
+# --- webhooks ---------------------------------------------------------------
+
+
+@main.group(name="webhooks")
+def webhooks_group() -> None:
+    """Signed webhook deliveries: inspect, redeliver, secrets."""
+
+
+def _fmt_time(when: Any) -> str:
+    return "-" if when is None else f"{when:%Y-%m-%d %H:%M:%S}"
+
+
+@webhooks_group.command(name="list")
+@click.argument("job_id", metavar="JOB")
+@fail_cleanly
+def webhooks_list(job_id: str) -> None:
+    """The webhook deliveries of JOB and every attempt of each."""
+    from farm import webhooks
+
+    ctx = make_context(start_runtime=False)
+    full_id, views = webhooks.deliveries_of_job(ctx, job_id)
+    if not views:
+        click.echo(f"job {full_id} has no webhook deliveries")
+        return
+    click.echo(f"{'DELIVERY':36}  {'EVENT':14}  {'STATE':9}  {'ATTEMPTS':>8}  URL")
+    for view in views:
+        d = view.delivery
+        click.echo(f"{d.id:36}  {d.event_type:14}  {d.state:9}  {d.attempts:>8}  {d.url}")
+        for a in view.attempts:
+            result = str(a.status_code) if a.status_code is not None else "-"
+            line = f"  #{a.attempt:<3} {_fmt_time(a.started_at)}  {result:>4}"
+            if a.error:
+                line += f"  {a.error}"
+            if a.next_attempt_at is not None:
+                line += f"  (next {_fmt_time(a.next_attempt_at)})"
+            click.echo(line)
+        if d.state != "delivered" and d.last_error and not view.attempts:
+            click.echo(f"  {d.last_error}")
+
+
+@webhooks_group.command(name="redeliver")
+@click.argument("delivery_id", metavar="DELIVERY")
+@fail_cleanly
+def webhooks_redeliver(delivery_id: str) -> None:
+    """Queue a fresh attempt of DELIVERY (same webhook-id and body, new signature)."""
+    from farm import webhooks
+
+    ctx = make_context()
+    delivery = webhooks.redeliver(ctx, delivery_id)
+    click.echo(f"queued {delivery.id} to {delivery.url}")
+
+
+@webhooks_group.command(name="enable")
+@click.argument("url")
+@fail_cleanly
+def webhooks_enable(url: str) -> None:
+    """Allow deliveries to URL again after it answered 410 Gone."""
+    from farm import webhooks
+
+    ctx = make_context(start_runtime=False)
+    if not webhooks.enable_endpoint(ctx, url):
+        raise NotFound(f"{url} is not disabled")
+    click.echo(f"enabled {url}")
+
+
+@webhooks_group.command(name="secret")
+def webhooks_secret() -> None:
+    """Print a new signing secret for FARM_WEBHOOK_SECRET."""
+    from farm import webhooks
+
+    click.echo(webhooks.new_secret())
+
+
+# --- batches ----------------------------------------------------------------
+
+
+@main.group()
+def batch() -> None:
+    """Bulk batches: many jobs from a manifest, at a lower priority than interactive jobs."""
+
+
+@batch.command(name="submit")
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Batch name; submitting it again adds only new rows.")
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Submit the valid rows even if some are invalid (they are reported and recorded).",
+)
+@click.option("--avatar", default="demo", show_default=True, help="For rows that name none.")
+@click.option(
+    "--voice", default="joe", show_default=True, help="For rows that name none (joe, espeak)."
+)
+@click.option(
+    "--webhook",
+    default=None,
+    metavar="URL",
+    help="batch.completed goes here, and job events of rows that name no webhook "
+    "[default: env FARM_WEBHOOK_URL].",
+)
+@click.option("--fps", type=int, default=None, help="Frames per second [env FARM_FPS; 25].")
+@click.option("--size", default=None, help="Output size, N or WxH [env FARM_SIZE; 512].")
+@click.option(
+    "--chunk-frames",
+    type=int,
+    default=None,
+    help="Frames per render chunk [env FARM_CHUNK_FRAMES; 100].",
+)
+@click.option("--seed", type=int, default=None, help="Motion seed (default: from each row).")
+@fail_cleanly
+def batch_submit(
+    manifest_path: Path,
+    name: str,
+    skip_invalid: bool,
+    avatar: str,
+    voice: str,
+    webhook: str | None,
+    fps: int | None,
+    size: str | None,
+    chunk_frames: int | None,
+    seed: int | None,
+) -> None:
+    """Submit every row of MANIFEST as a job of batch NAME.
+
+    MANIFEST is a CSV file (a header line names the columns), a JSON Lines file, or a
+    directory of .txt scripts. Columns: script (a path relative to the manifest's
+    directory) or text (the script inline), avatar, voice, webhook, output (where
+    the video goes: batches/NAME/outputs/OUTPUT in the store). Every row is checked
+    first; without --skip-invalid one bad row means nothing is submitted.
+    """
+    from farm import batches
+    from farm.manifest import Defaults
+
+    settings = Settings.from_env()
+    batches.check_name(name)
+    options = batches.Options(
+        fps=settings.fps if fps is None else fps,
+        size=jobs.parse_size(size or str(settings.size)),
+        chunk_frames=settings.chunk_frames if chunk_frames is None else chunk_frames,
+        seed=seed,
+        defaults=Defaults(avatar=avatar, voice=voice, webhook=webhook),
+    )
+    ctx = make_context(start_runtime=False)
+    checked = batches.load(ctx, name, manifest_path, options)
+    for problem in checked.problems:
+        click.echo(f"{manifest_path}: {problem}", err=True)
+    if checked.problems and not skip_invalid:
+        good = len(checked.rows)
+        raise InvalidInput(
+            f"{len(checked.problems)} invalid row(s) in {manifest_path}; nothing submitted "
+            f"(--skip-invalid submits the other {good})"
+        )
+    if not checked.rows:
+        raise InvalidInput(f"{manifest_path} has no valid rows to submit")
+    ctx.store.check()
+    if ctx.settings.embedded:
+        from farm import embedded
+
+        embedded.ensure_running(ctx.settings)
+    result = batches.submit(
+        ctx,
+        name,
+        checked,
+        options,
+        _celery().enqueue_bulk_job,
+        source=str(manifest_path),
+        webhook=webhook,
+    )
+    click.echo(
+        f"batch {name}: {len(result.created)} job(s) submitted, {result.existing} already "
+        f"submitted, {len(result.problems)} invalid row(s) skipped"
+    )
+
+
+@batch.command(name="status")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Show progress until every job has ended.")
+@fail_cleanly
+def batch_status(name: str, wait: bool) -> None:
+    """Jobs per state, failures with their reasons; --wait shows a progress bar."""
+    from farm import batches
+
+    ctx = make_context(start_runtime=False)
+    st = batches.status(ctx, name)
+    if wait:
+        bar = _BatchProgress(sys.stderr)
+        last_check = time.monotonic()
+        while st.finished < st.total:
+            bar.show(st)
+            if ctx.settings.embedded and time.monotonic() - last_check > 5:
+                from farm import embedded
+
+                embedded.ensure_running(ctx.settings)
+                last_check = time.monotonic()
+            time.sleep(0.5)
+            st = batches.status(ctx, name)
+        bar.show(st)
+        bar.close()
+    click.echo(f"batch     {st.name} ({st.id})")
+    click.echo(f"state     {st.state} ({st.fraction:.0%}, {st.finished}/{st.total} jobs ended)")
+    order = list(states.PIPELINE) + [states.FAILED, states.CANCELLED]
+    counts = "  ".join(f"{s} {st.counts[s]}" for s in order if st.counts.get(s))
+    click.echo(f"jobs      {counts or 'none'}")
+    for f in st.failures:
+        click.echo(f"{f.state:9} {f.row}  job {f.job_id}: {f.error}")
+    for bad in st.invalid:
+        click.echo(f"invalid   {bad['row']}: {bad['reason']}")
+    if st.report_key:
+        click.echo(f"report    {ctx.store.url(st.report_key)}")
+    if wait and st.failures:
+        raise FarmError(f"batch {name}: {len(st.failures)} of {st.total} job(s) did not succeed")
+
+
+class _BatchProgress(_ProgressLine):
+    def show(self, st: Any) -> None:  # type: ignore[override]
+        filled = int(st.fraction * self.WIDTH)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        failed = f", {len(st.failures)} failed" if st.failures else ""
+        self._write(f"[{bar}] {st.finished}/{st.total} jobs ended{failed}")
+
+    def _write(self, line: str) -> None:
+        if line == self.last:
+            return
+        self.last = line
+        self.stream.write(("\r" + line.ljust(70)) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+@batch.command(name="report")
+@click.argument("name")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report here instead of stdout.",
+)
+@fail_cleanly
+def batch_report(name: str, fmt: str, output: Path | None) -> None:
+    """Every job of batch NAME: row, output key, state, output URL, duration, error."""
+    import json
+
+    from farm import batches
+
+    ctx = make_context(start_runtime=False)
+    report = batches.report(ctx, name)
+    text = batches.report_csv(report) if fmt == "csv" else json.dumps(report, indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+        click.echo(str(output))
 
 
 # --- operations -------------------------------------------------------------
@@ -369,7 +661,14 @@ def avatar_show(name: str) -> None:
     "-Q",
     default="cpu,render",
     show_default=True,
-    help="Comma-separated queues to consume: cpu, render.",
+    help="Comma-separated queues to consume: cpu, render. Each also brings its bulk "
+    "lane (cpu_bulk, render_bulk), taken only when the interactive queues are empty.",
+)
+@click.option(
+    "--bulk/--no-bulk",
+    default=True,
+    show_default=True,
+    help="Also consume the bulk lanes of the queues (batch jobs), after them.",
 )
 @click.option(
     "--concurrency",
@@ -388,23 +687,26 @@ def avatar_show(name: str) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 @fail_cleanly
 def worker(
-    queues: str, concurrency: int, gpus: str | None, hostname: str | None, loglevel: str
+    queues: str,
+    bulk: bool,
+    concurrency: int,
+    gpus: str | None,
+    hostname: str | None,
+    loglevel: str,
 ) -> None:
     """Run Celery workers on this machine against the configured broker."""
     from farm import embedded
     from farm import gpus as gpu
 
-    unknown = set(queues.split(",")) - {"cpu", "render"}
-    if unknown:
-        raise InvalidInput(f"unknown queue {', '.join(sorted(unknown))}: use cpu, render")
+    embedded.worker_queues(queues, bulk)  # unknown names: refused before anything starts
     _require_broker()
     base = hostname or queues.replace(",", "+")
     if gpus is None:
-        argv = embedded.worker_argv(queues, concurrency, f"{base}@%h", loglevel)
+        argv = embedded.worker_argv(queues, concurrency, f"{base}@%h", loglevel, bulk=bulk)
         os.execv(argv[0], argv)
     chosen = gpu.select_gpus(gpus, gpu.visible_gpus())
     names = {f"{base}-gpu{g}@%h": g for g in chosen}
-    argvs = {n: embedded.worker_argv(queues, 1, n, loglevel) for n in names}
+    argvs = {n: embedded.worker_argv(queues, 1, n, loglevel, bulk=bulk) for n in names}
     envs = {n: gpu.gpu_worker_env(g) for n, g in names.items()}
     click.echo(f"starting {len(names)} worker(s): {', '.join(names)}", err=True)
     sys.exit(gpu.supervise(argvs, envs))
@@ -421,17 +723,10 @@ def worker(
 @fail_cleanly
 def flower(port: int, address: str) -> None:
     """Start Flower, the live dashboard of queues, workers and tasks, on the broker."""
+    from farm import embedded
+
     _require_broker()
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "flower",
-        f"--port={port}",
-        f"--address={address}",
-    ]
+    argv = embedded.celery_argv("flower", f"--port={port}", f"--address={address}")
     os.execv(argv[0], argv)
 
 

@@ -51,6 +51,18 @@ class Settings:
     task_max_retries: int = 3
     visibility_timeout: int = 12 * 3600  # above the longest task + queue wait (celery#5935)
     embedded_idle_seconds: int = 120
+    # --- webhooks (farm/webhooks.py) ---
+    webhook_url: str = ""  # default target of every job; empty: none
+    webhook_secret: str = ""  # whsec_<base64>; required once any webhook is used
+    # Seconds before each retry after the first attempt (the Standard Webhooks schedule).
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_timeout: float = 10.0  # per attempt, connect and each read
+    webhook_allowlist: str = ""  # hosts, IPs, CIDRs allowed despite being private/loopback
+    # --- nightly batches (farm/nightly.py, workers/beat.py) ---
+    nightly_inbox: str = ""  # a directory or s3://bucket/prefix; empty: no nightly run
+    nightly_cron: str = "0 2 * * *"  # UTC: minute hour day-of-month month day-of-week
+    nightly_avatar: str = "demo"  # for inbox .txt scripts and rows that name none
+    nightly_voice: str = "joe"
 
     # --- derived -------------------------------------------------------------
     @property
@@ -99,6 +111,8 @@ class Settings:
             result_backend=self.effective_result_backend,
             store_url=self.effective_store_url,
         )
+        if self.webhook_secret:  # a signing key is a password
+            shown["webhook_secret"] = "whsec_***"
         return {k: mask_url(v) for k, v in shown.items()}
 
     def with_(self, **changes: Any) -> Settings:
@@ -119,10 +133,13 @@ def _coerce(name: str, type_: Any, raw: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind == "Path":
             return Path(raw).expanduser()
     except ValueError as exc:
-        raise InvalidInput(f"FARM_{name.upper()} must be an integer, got {raw!r}") from exc
+        what = "an integer" if kind == "int" else "a number"
+        raise InvalidInput(f"FARM_{name.upper()} must be {what}, got {raw!r}") from exc
     return raw
 
 

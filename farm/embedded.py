@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from farm.config import Settings
-from farm.errors import RetryableError
+from farm.errors import InvalidInput, RetryableError
 
 log = logging.getLogger("farm.embedded")
 
@@ -76,33 +76,49 @@ def redis_argv(settings: Settings) -> list[str]:
     ]
 
 
+def celery_argv(*args: str) -> list[str]:
+    """`celery` on farm's app, run by this interpreter."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", *args]
+
+
+INTERACTIVE_QUEUES: tuple[str, ...] = ("cpu", "render")
+BULK_SUFFIX = "_bulk"  # workers/app.py: cpu_bulk, render_bulk
+QUEUES: tuple[str, ...] = INTERACTIVE_QUEUES + tuple(q + BULK_SUFFIX for q in INTERACTIVE_QUEUES)
+
+
+def worker_queues(spec: str, bulk: bool = True) -> str:
+    """The queues a worker consumes, in the order it drains them: the interactive
+    queues named, then the bulk lanes ('cpu' -> 'cpu,cpu_bulk'; 'cpu,render' ->
+    'cpu,render,cpu_bulk,render_bulk'). Bulk lanes may also be named alone, for a
+    worker that does batch work only; bulk=False leaves the bulk lanes out."""
+    names = list(dict.fromkeys(q.strip() for q in spec.split(",") if q.strip()))
+    unknown = [q for q in names if q not in QUEUES]
+    if unknown or not names:
+        raise InvalidInput(
+            f"unknown queue {', '.join(unknown) or repr(spec)}: use {', '.join(QUEUES)}"
+        )
+    interactive = [q for q in names if q in INTERACTIVE_QUEUES]
+    lanes = [q for q in names if q not in INTERACTIVE_QUEUES]
+    if bulk:
+        lanes += [q + BULK_SUFFIX for q in interactive if q + BULK_SUFFIX not in lanes]
+    return ",".join(interactive + lanes)
+
+
 def worker_argv(
     queues: str,
     concurrency: int,
     hostname: str,
     loglevel: str = "INFO",
     logfile: Path | None = None,
+    bulk: bool = True,
 ) -> list[str]:
-    """The one way farm starts a Celery worker, embedded or on a GPU box."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "-Q",
-        queues,
-        "-c",
-        str(concurrency),
-        "-n",
-        hostname,
-        "--loglevel",
-        loglevel,
-        "-E",
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    """The one way farm starts a Celery worker, embedded or on a GPU box. Every
+    worker also takes the bulk lane of its queues, after them, unless bulk=False."""
+    queues = worker_queues(queues, bulk)
+    argv = celery_argv(
+        "worker", "-Q", queues, "-c", str(concurrency), "-n", hostname,
+        "--loglevel", loglevel, "-E", "--without-gossip", "--without-mingle",
+    )  # fmt: skip
     if logfile is not None:
         argv += ["--logfile", str(logfile)]
     return argv

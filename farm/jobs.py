@@ -12,10 +12,13 @@ import secrets
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm import queries, states
+from sqlalchemy.orm import Session
+
+from farm import queries, states, webhooks
 from farm.context import Context
 from farm.errors import InvalidInput, PermanentError
 from farm.media import concat_list, count_frames, ffmpeg_exe, mux_argv, run_ffmpeg
@@ -60,6 +63,7 @@ class JobRequest:
     seed: int | None = None
     priority: int = 5
     renderer: str | None = None  # None: the configured default
+    webhook: str | None = None  # None: the avatar's webhook, else FARM_WEBHOOK_URL
 
 
 def validate(ctx: Context, req: JobRequest) -> None:
@@ -77,11 +81,13 @@ def validate(ctx: Context, req: JobRequest) -> None:
                     f"unknown avatar {req.avatar!r}; add it with 'farm avatar add' "
                     f"(built in: {', '.join(BUILTIN_AVATARS)})"
                 )
+    webhooks.job_webhook(ctx, req.webhook, req.avatar)  # refused targets: before any row
 
 
 def create(ctx: Context, req: JobRequest) -> str:
     """Validate and record a job; the caller enqueues it (and deletes it if that fails)."""
     validate(ctx, req)
+    webhook_url = webhooks.job_webhook(ctx, req.webhook, req.avatar)
     job_id = uuid.uuid4().hex
     with ctx.session() as s:
         queries.insert_job(
@@ -97,6 +103,7 @@ def create(ctx: Context, req: JobRequest) -> str:
             chunk_frames=req.chunk_frames,
             seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
             priority=req.priority,
+            webhook_url=webhook_url,
         )
     return job_id
 
@@ -129,24 +136,45 @@ def prepare(ctx: Context, job_id: str) -> int:
 
 def segment_finished(ctx: Context, job_id: str, idx: int, seconds: float) -> bool:
     """Record a spoken segment. True for exactly one caller: the one that saw the last."""
-    with ctx.session() as s:
-        queries.finish_segment(s, job_id, idx, seconds)
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        if queries.count_done_segments(s, job_id) < job.segments_total:
-            return False
-        return queries.transition(s, job_id, states.PLANNING)
+    return _fan_in(
+        ctx,
+        job_id,
+        lambda s: queries.finish_segment(s, job_id, idx, seconds),
+        queries.count_done_segments,
+        "segments_total",
+        states.PLANNING,
+    )
 
 
 def chunk_finished(ctx: Context, job_id: str, idx: int, render_seconds: float) -> bool:
     """Record a rendered chunk. True for exactly one caller: the one that saw the last."""
+    return _fan_in(
+        ctx,
+        job_id,
+        lambda s: queries.finish_chunk(s, job_id, idx, render_seconds),
+        queries.count_done_chunks,
+        "chunks_total",
+        states.MUXING,
+    )
+
+
+def _fan_in(
+    ctx: Context,
+    job_id: str,
+    mark: Callable[[Session], object],
+    count_done: Callable[[Session, str], int],
+    total: str,
+    target: str,
+) -> bool:
+    """Mark one member done and commit, then count in a new transaction: of N concurrent
+    finishers the last to commit sees all N, and the guarded transition lets one win."""
     with ctx.session() as s:
-        queries.finish_chunk(s, job_id, idx, render_seconds)
+        mark(s)
     with ctx.session() as s:
         job = queries.get_job(s, job_id)
-        if queries.count_done_chunks(s, job_id) < job.chunks_total:
+        if count_done(s, job_id) < getattr(job, total):
             return False
-        return queries.transition(s, job_id, states.MUXING)
+        return queries.transition(s, job_id, target)
 
 
 def chunk_ranges(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
@@ -155,8 +183,13 @@ def chunk_ranges(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
 
 
 def fail(ctx: Context, job_id: str, error: str) -> bool:
+    """Fail the job; True if this call failed it. Only that call records the
+    job.failed webhook, in the same transaction, so duplicate failures send none."""
     with ctx.session() as s:
-        return queries.transition(s, job_id, states.FAILED, error=error[:2000])
+        moved = queries.transition(s, job_id, states.FAILED, error=error[:2000])
+        event = webhooks.record_job_event(s, ctx, job_id) if moved else None
+    webhooks.dispatch(ctx, event)
+    return moved
 
 
 def is_active(ctx: Context, job_id: str) -> bool:
@@ -172,6 +205,7 @@ def mux(ctx: Context, job_id: str) -> None:
         if job.state != states.MUXING:
             return
         expected, n_chunks = job.frame_count, job.chunks_total
+        final = job.target_key or job_key(job_id, "final.mp4")
     with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
         work = Path(tmp)
         parts = [
@@ -184,21 +218,31 @@ def mux(ctx: Context, job_id: str) -> None:
         frames = count_frames(out)
         if frames != expected:
             raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")
-        ctx.store.put_file(job_key(job_id, "final.mp4"), out)
+        ctx.store.put_file(final, out)
     with ctx.session() as s:
         queries.record_timing(s, job_id, "mux", time.perf_counter() - started)
         queries.transition(s, job_id, states.PUBLISHING)
 
 
+def final_key(ctx: Context, job_id: str) -> str:
+    """Where the video is published: a batch row's output key, else jobs/{id}/final.mp4."""
+    with ctx.session() as s:
+        return queries.job_target_key(s, job_id) or job_key(job_id, "final.mp4")
+
+
 def publish(ctx: Context, job_id: str) -> bool:
     """Record where the video is; the job is done. True if this call finished it."""
-    key = job_key(job_id, "final.mp4")
+    key = final_key(ctx, job_id)
     if not ctx.store.exists(key):
         raise PermanentError(f"the final video {key} is missing from the store")
     with ctx.session() as s:
         job = queries.get_job(s, job_id)
         total = time.time() - job.created_at.timestamp()
         done = queries.transition(s, job_id, states.SUCCEEDED, output_key=key)
+        event = None
         if done:
             queries.record_timing(s, job_id, "total", total)
-        return done
+            # job.succeeded: recorded with the transition, queued after the commit
+            event = webhooks.record_job_event(s, ctx, job_id)
+    webhooks.dispatch(ctx, event)
+    return done

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from farm import states
-from farm.db import Avatar, Chunk, Job, Segment, utcnow
+from farm.db import (
+    Avatar,
+    Batch,
+    Chunk,
+    Job,
+    Segment,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
 from farm.errors import NotFound
 
 # --- jobs -------------------------------------------------------------------
@@ -240,3 +251,335 @@ def upsert_avatar(session: Session, **values: Any) -> Avatar:
             setattr(avatar, key, value)
     session.flush()
     return avatar
+
+
+# --- webhooks (farm/webhooks.py) ---------------------------------------------
+
+
+def set_avatar_webhook(session: Session, name: str, url: str | None) -> None:
+    result = session.execute(update(Avatar).where(Avatar.name == name).values(webhook_url=url))
+    if result.rowcount != 1:
+        raise NotFound(f"unknown avatar {name!r}")
+
+
+def insert_delivery(session: Session, **values: Any) -> WebhookDelivery:
+    now = utcnow()
+    delivery = WebhookDelivery(
+        state="pending", attempts=0, created_at=now, updated_at=now, next_attempt_at=now, **values
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+def get_delivery(session: Session, delivery_id: str) -> WebhookDelivery:
+    delivery = session.get(WebhookDelivery, delivery_id)
+    if delivery is None:
+        raise NotFound(f"no webhook delivery {delivery_id!r}")
+    return delivery
+
+
+def find_delivery_by_prefix(session: Session, prefix: str) -> WebhookDelivery:
+    rows = session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.id.startswith(prefix)).limit(2)
+    ).all()
+    if len(rows) != 1:
+        what = "is ambiguous" if rows else "does not exist"
+        raise NotFound(f"webhook delivery {prefix!r} {what}")
+    return rows[0]
+
+
+def list_deliveries(
+    session: Session, job_id: str | None = None, batch_id: str | None = None
+) -> Sequence[WebhookDelivery]:
+    query = select(WebhookDelivery).order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+    if job_id is not None:
+        query = query.where(WebhookDelivery.job_id == job_id)
+    if batch_id is not None:
+        query = query.where(WebhookDelivery.batch_id == batch_id)
+    return session.scalars(query).all()
+
+
+def list_attempts(session: Session, delivery_ids: Sequence[str]) -> Sequence[WebhookAttempt]:
+    if not delivery_ids:
+        return []
+    return session.scalars(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+        .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt, WebhookAttempt.id)
+    ).all()
+
+
+def claim_attempt(session: Session, delivery_id: str, attempt: int) -> bool:
+    """Take attempt number `attempt` of a pending delivery; False if another
+    message (a duplicate, or a redelivery) took it first."""
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.state == "pending",
+            WebhookDelivery.attempts == attempt - 1,
+        )
+        .values(attempts=attempt, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def insert_attempt(session: Session, delivery_id: str, attempt: int) -> int:
+    row = WebhookAttempt(delivery_id=delivery_id, attempt=attempt, started_at=utcnow())
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def unfinished_attempt(session: Session, delivery_id: str, attempt: int) -> int | None:
+    """The id of attempt `attempt` if it was claimed but never finished (its worker died)."""
+    return session.scalar(
+        select(WebhookAttempt.id)
+        .join(WebhookDelivery, WebhookDelivery.id == WebhookAttempt.delivery_id)
+        .where(
+            WebhookAttempt.delivery_id == delivery_id,
+            WebhookAttempt.attempt == attempt,
+            WebhookAttempt.finished_at.is_(None),
+            WebhookDelivery.attempts == attempt,
+        )
+        .limit(1)
+    )
+
+
+def finish_attempt(
+    session: Session,
+    attempt_id: int,
+    status: int | None,
+    error: str | None,
+    next_attempt_at: datetime | None,
+) -> None:
+    session.execute(
+        update(WebhookAttempt)
+        .where(WebhookAttempt.id == attempt_id)
+        .values(
+            status_code=status,
+            error=error,
+            finished_at=utcnow(),
+            next_attempt_at=next_attempt_at,
+        )
+    )
+
+
+def finish_delivery(
+    session: Session,
+    delivery_id: str,
+    state: str,
+    status: int | None = None,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+) -> None:
+    """Record an attempt's result; `pending` means a retry is scheduled."""
+    now = utcnow()
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .values(
+            state=state,
+            last_status=status,
+            last_error=error,
+            next_attempt_at=next_attempt_at,
+            updated_at=now,
+            finished_at=None if state == "pending" else now,
+        )
+    )
+
+
+def note_delivery_error(session: Session, delivery_id: str, error: str) -> None:
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .values(last_error=error, updated_at=utcnow())
+    )
+
+
+def reopen_delivery(session: Session, delivery_id: str) -> None:
+    now = utcnow()
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .values(state="pending", finished_at=None, next_attempt_at=now, updated_at=now)
+    )
+
+
+def disabled_endpoint(session: Session, url: str) -> WebhookEndpoint | None:
+    return session.scalar(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.url == url, WebhookEndpoint.disabled_at.is_not(None)
+        )
+    )
+
+
+def disable_endpoint(session: Session, url: str, reason: str) -> None:
+    endpoint = session.scalar(select(WebhookEndpoint).where(WebhookEndpoint.url == url))
+    if endpoint is None:
+        endpoint = WebhookEndpoint(url=url, created_at=utcnow())
+        session.add(endpoint)
+    if endpoint.disabled_at is None:
+        endpoint.disabled_at = utcnow()
+        endpoint.disabled_reason = reason
+    session.flush()
+
+
+def enable_endpoint(session: Session, url: str) -> bool:
+    result = session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.url == url, WebhookEndpoint.disabled_at.is_not(None))
+        .values(disabled_at=None, disabled_reason=None)
+    )
+    return result.rowcount == 1
+
+
+# --- batches (farm/batches.py) ----------------------------------------------
+
+
+def insert_batch(session: Session, **values: Any) -> Batch:
+    batch = Batch(**values)
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def get_batch(session: Session, batch_id: str) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r}")
+    return batch
+
+
+def get_batch_by_name(session: Session, name: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.name == name))
+
+
+def find_batch(session: Session, name: str) -> Batch:
+    batch = get_batch_by_name(session, name)
+    if batch is None:
+        raise NotFound(f"no batch named {name!r}")
+    return batch
+
+
+def existing_idempotency_keys(session: Session, keys: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(keys), 500):  # keep IN lists short on every backend
+        part = keys[i : i + 500]
+        found.update(
+            session.scalars(select(Job.idempotency_key).where(Job.idempotency_key.in_(part)))
+        )
+    return found
+
+
+def batch_targets(session: Session, batch_id: str) -> dict[str, str | None]:
+    """target key -> idempotency key of the batch's jobs."""
+    rows = session.execute(
+        select(Job.target_key, Job.idempotency_key).where(Job.batch_id == batch_id)
+    ).all()
+    return {t: k for t, k in rows if t is not None}
+
+
+def reopen_batch(session: Session, batch_id: str, invalid: list[dict[str, Any]]) -> None:
+    """New rows join the batch: it is running again until they end. Being an UPDATE
+    of the batch row, it also takes that row's lock until the caller commits, so a
+    finisher checking for completion waits and then sees the new jobs."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            state="running",
+            invalid=invalid,
+            updated_at=utcnow(),
+            completed_at=None,
+            reported_at=None,
+        )
+    )
+
+
+def set_batch_invalid(session: Session, batch_id: str, invalid: list[dict[str, Any]]) -> None:
+    session.execute(update(Batch).where(Batch.id == batch_id).values(invalid=invalid))
+
+
+def lock_batch(session: Session, batch_id: str) -> None:
+    """Row lock on Postgres (a no-op on SQLite, where writers are serialised anyway)."""
+    session.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
+
+
+def complete_batch(session: Session, batch_id: str, active: Iterable[str]) -> bool:
+    """running -> completed when no job of the batch is active: one statement, so the
+    count and the move are one step. True for exactly one caller per completion."""
+    now = utcnow()
+    busy = exists().where(Job.batch_id == batch_id, Job.state.in_(tuple(active)))
+    result = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == "running", ~busy)
+        .values(state="completed", completed_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def mark_batch_reported(session: Session, batch_id: str, report_key: str) -> bool:
+    """The report of this completion is written: True for the one caller that marks it."""
+    result = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == "completed", Batch.reported_at.is_(None))
+        .values(report_key=report_key, reported_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def unreported_batches(session: Session) -> Sequence[str]:
+    return session.scalars(
+        select(Batch.id).where(Batch.state == "completed", Batch.reported_at.is_(None))
+    ).all()
+
+
+def delete_batch_if_empty(session: Session, batch_id: str) -> bool:
+    result = session.execute(
+        delete(Batch).where(Batch.id == batch_id, ~exists().where(Job.batch_id == batch_id))
+    )
+    return result.rowcount == 1
+
+
+def delete_jobs(session: Session, job_ids: Sequence[str]) -> None:
+    session.execute(delete(Job).where(Job.id.in_(job_ids)))
+
+
+def job_batch_id(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.batch_id).where(Job.id == job_id))
+
+
+def job_priority(session: Session, job_id: str) -> int:
+    priority = session.scalar(select(Job.priority).where(Job.id == job_id))
+    if priority is None:
+        raise NotFound(f"no job {job_id!r}")
+    return priority
+
+
+def job_target_key(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.target_key).where(Job.id == job_id))
+
+
+def batch_jobs(session: Session, batch_id: str) -> Sequence[Job]:
+    return session.scalars(
+        select(Job).where(Job.batch_id == batch_id).order_by(Job.created_at, Job.batch_row)
+    ).all()
+
+
+def batch_job_progress(session: Session, batch_id: str) -> list[tuple[str, int, int]]:
+    """(state, chunks done, chunks total) of every job of the batch, in one query."""
+    done = (
+        select(Chunk.job_id, func.count().label("n"))
+        .where(Chunk.state == "done")
+        .group_by(Chunk.job_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Job.state, func.coalesce(done.c.n, 0), Job.chunks_total)
+        .outerjoin(done, done.c.job_id == Job.id)
+        .where(Job.batch_id == batch_id)
+    ).all()
+    return [(state, int(n), int(total)) for state, n, total in rows]

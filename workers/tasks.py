@@ -14,10 +14,10 @@ from typing import Any
 
 from celery import Task
 
-from farm import jobs
+from farm import batches, jobs
 from farm.context import Context
 from farm.errors import Cancelled, PermanentError, RetryableError
-from workers.app import app, settings
+from workers.app import app, bulk_queue, settings
 
 log = logging.getLogger("farm.tasks")
 
@@ -65,22 +65,50 @@ class FarmTask(Task):
                 queries.fail_chunk(s, job_id, args[1], reason)
             reason = f"chunk {args[1]}: {reason}"
         jobs.fail(ctx, job_id, f"{stage}: {reason}")
+        job_ended(ctx, job_id)
 
 
 def enqueue(
-    name: str, job_id: str, *args: Any, idx: int | None = None, priority: int | None = None
+    name: str,
+    job_id: str,
+    *args: Any,
+    idx: int | None = None,
+    priority: int | None = None,
+    bulk: bool = False,
 ) -> None:
+    """Queue a stage of a job. `bulk` sends it to the bulk lane (cpu_bulk, render_bulk),
+    which workers take from only when the interactive queues are empty."""
     stage = name.removeprefix("farm.")
+    lane = {"queue": bulk_queue(name)} if bulk else {}  # else: the routes in workers/app.py
     app.send_task(
-        name, args=(job_id, *args), task_id=task_id(job_id, stage, idx), priority=priority
+        name, args=(job_id, *args), task_id=task_id(job_id, stage, idx), priority=priority, **lane
     )
+
+
+def enqueue_bulk_job(job_id: str) -> None:
+    """The first task of a batch job, on the bulk lane."""
+    enqueue("farm.prepare", job_id, bulk=True)
+
+
+def _bulk(job_id: str) -> bool:
+    # The lane follows the job: every next stage of a batch job stays on the bulk lane.
+    return batches.is_bulk(context(), job_id)
+
+
+def job_ended(ctx: Context, job_id: str) -> None:
+    """After a job reached a final state: the last job of a batch completes the batch
+    (once, a guarded transition) and queues its report and batch.completed event."""
+    batch_id = batches.job_finished(ctx, job_id)
+    if batch_id is not None:
+        app.send_task("farm.batch_completed", args=(batch_id,))
 
 
 @app.task(name="farm.prepare", base=FarmTask)
 def prepare(job_id: str) -> int:
     n = jobs.prepare(context(), job_id)
+    bulk = n > 0 and _bulk(job_id)
     for idx in range(n):
-        enqueue("farm.tts", job_id, idx, idx=idx)
+        enqueue("farm.tts", job_id, idx, idx=idx, bulk=bulk)
     return n
 
 
@@ -93,7 +121,7 @@ def tts(job_id: str, idx: int) -> float:
         return 0.0
     seconds = stages.speak(ctx, job_id, idx)
     if jobs.segment_finished(ctx, job_id, idx, seconds):
-        enqueue("farm.plan", job_id)
+        enqueue("farm.plan", job_id, bulk=_bulk(job_id))
     return seconds
 
 
@@ -102,9 +130,10 @@ def plan(job_id: str) -> int:
     from models import stages
 
     ranges = stages.plan(context(), job_id)
+    bulk = bool(ranges) and _bulk(job_id)
     for idx, (start, stop) in enumerate(ranges):
         # The frame range rides along so Flower shows what each render task is.
-        enqueue("farm.render", job_id, idx, start, stop, idx=idx)
+        enqueue("farm.render", job_id, idx, start, stop, idx=idx, bulk=bulk)
     return len(ranges)
 
 
@@ -114,19 +143,53 @@ def render(self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0) -> 
 
     last = stages.render(context(), job_id, idx, worker=self.request.hostname or "?")
     if last:
-        enqueue("farm.mux", job_id)
+        enqueue("farm.mux", job_id, bulk=_bulk(job_id))
     return last
 
 
 @app.task(name="farm.mux", base=FarmTask)
 def mux(job_id: str) -> None:
     jobs.mux(context(), job_id)
-    enqueue("farm.publish", job_id)
+    enqueue("farm.publish", job_id, bulk=_bulk(job_id))
 
 
 @app.task(name="farm.publish", base=FarmTask)
 def publish(job_id: str) -> bool:
-    return jobs.publish(context(), job_id)
+    done = jobs.publish(context(), job_id)  # also queues the job.succeeded webhook
+    job_ended(context(), job_id)  # every time: a redelivered publish may be the one
+    return done
+
+
+@app.task(name="farm.batch_completed", base=FarmTask, fails_job=False)
+def batch_completed(batch_id: str) -> str | None:
+    """The report of a completed batch into the store, and its batch.completed event."""
+    done = batches.complete(context(), batch_id)
+    return done.report_key if done else None
+
+
+@app.task(name="farm.nightly", base=FarmTask, fails_job=False)
+def nightly() -> int:
+    """Beat's nightly firing: submit the inbox's new scripts as tonight's batch."""
+    from farm import nightly as run
+
+    ctx = context()
+    result = run.run(ctx, enqueue_bulk_job)
+    # A completion whose report task was lost (a broker hiccup) is reported now.
+    for batch_id in batches.unreported(ctx):
+        app.send_task("farm.batch_completed", args=(batch_id,))
+    return len(result.created)
+
+
+# max_retries=None: the webhook retry schedule (FARM_WEBHOOK_RETRY_SCHEDULE) ends it.
+@app.task(name="farm.notify", base=FarmTask, bind=True, fails_job=False, max_retries=None)
+def notify(self: Task, delivery_id: str, attempt: int = 1) -> str:
+    """One signed webhook attempt; a failed one is retried after the scheduled delay."""
+    from farm import webhooks
+
+    outcome = webhooks.attempt_delivery(context(), delivery_id, attempt, self.request.retries)
+    if outcome.retry_in is not None:
+        raise self.retry(args=(delivery_id, attempt + 1), countdown=outcome.retry_in)
+    return outcome.state
 
 
 @app.task(name="farm.register_avatar", base=FarmTask, fails_job=False, ignore_result=False)

@@ -533,7 +533,8 @@ def test_long_running_service_starts_and_stops(
                 assert worker.startswith("cpu@"), worker
                 inspect = app.control.inspect(destination=[worker], timeout=5.0)
                 queues = inspect.active_queues()[worker]
-                assert sorted(q["name"] for q in queues) == ["cpu"]  # -Q cpu
+                # -Q cpu: the cpu queue and, after it, its bulk lane (batches)
+                assert [q["name"] for q in queues] == ["cpu", "cpu_bulk"]
                 stats = inspect.stats()[worker]
                 assert stats["pool"]["max-concurrency"] == 2  # -c 2
             finally:

@@ -1,0 +1,343 @@
+"""Batch manifests: read CSV, JSON Lines or a directory of .txt scripts into rows, and
+check every row before anything is submitted.
+
+Pure functions over files: no database, no broker. What needs the database (is the
+avatar known, is the webhook allowed) comes in as callables, so the whole validation
+table is testable without services.
+
+A row names a script by a path relative to the manifest's directory, or carries it
+inline in a `text` column. Paths are resolved (symlinks included) and must stay
+inside that directory: a manifest cannot make farm read /etc/passwd or ../secrets.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from farm.errors import FarmError, InvalidInput
+from farm.script import decode_script
+
+COLUMNS: tuple[str, ...] = ("script", "text", "avatar", "voice", "webhook", "output")
+ALIASES: dict[str, str] = {"output_key": "output"}
+MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".ndjson")
+MAX_OUTPUT_KEY = 200
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """A row as read: `where` is how a person finds it ("line 3", "intro.txt")."""
+
+    where: str
+    values: dict[str, Any]
+    line: int = 0  # 1-based line in the manifest; 0 for a file of a directory
+
+
+@dataclass(frozen=True)
+class Row:
+    """A checked row, ready to become a job."""
+
+    where: str
+    line: int
+    script: str  # cleaned text
+    source: str  # the script's path relative to the manifest directory; "" when inline
+    avatar: str
+    voice: str
+    webhook: str | None
+    output: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str
+    reason: str
+    line: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a row that does not say gets: the command line's --avatar, --voice, --webhook."""
+
+    avatar: str = "demo"
+    voice: str = "joe"
+    webhook: str | None = None
+
+
+# (avatar, voice, webhook or None) -> the job's webhook URL; InvalidInput when refused
+CheckJob = Callable[[str, str, str | None], str | None]
+
+
+@dataclass
+class Checked:
+    rows: list[Row] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+# --- reading ----------------------------------------------------------------
+
+
+def read(path: Path) -> tuple[Path, list[RawRow]]:
+    """The manifest's base directory and its rows. A manifest that cannot be read at
+    all (missing, not UTF-8, no script column) is InvalidInput; bad rows are not."""
+    if path.is_dir():
+        return path, read_directory(path)
+    if not path.is_file():
+        raise InvalidInput(f"no such manifest: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise InvalidInput(
+            f"manifest {path.name}: use a .csv or .jsonl file, or a directory of .txt scripts"
+        )
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise InvalidInput(f"manifest {path.name} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    text = _decode(path.read_bytes(), path.name)
+    rows = read_csv(text) if suffix == ".csv" else read_jsonl(text)
+    return path.parent, rows
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"manifest {name} is not valid UTF-8 (byte {exc.start})") from exc
+
+
+def _column(name: str) -> str:
+    key = name.strip().lower()
+    return ALIASES.get(key, key)
+
+
+def read_csv(text: str) -> list[RawRow]:
+    """A header line names the columns; rows are numbered by the line they start on."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InvalidInput("the manifest is empty: it has no header line") from None
+    except csv.Error as exc:
+        raise InvalidInput(f"line 1: {exc}") from exc
+    names = [_column(h) for h in header]
+    unknown = [h for h, n in zip(header, names, strict=True) if n not in COLUMNS]
+    if unknown:
+        raise InvalidInput(
+            f"line 1: unknown column {unknown[0]!r}; columns are {', '.join(COLUMNS)}"
+        )
+    if "script" not in names and "text" not in names:
+        raise InvalidInput("line 1: the manifest needs a 'script' or a 'text' column")
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise InvalidInput(f"line 1: column {duplicated[0]!r} appears twice")
+    rows: list[RawRow] = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            rows.append(RawRow(f"line {start}", {"_error": f"unreadable CSV: {exc}"}, start))
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in record):
+            continue  # blank lines are not rows
+        if len(record) != len(names):
+            reason = f"has {len(record)} fields; the header has {len(names)}"
+            rows.append(RawRow(f"line {line}", {"_error": reason}, line))
+            continue
+        values = {n: (v if v.strip() else None) for n, v in zip(names, record, strict=True)}
+        rows.append(RawRow(f"line {line}", values, line))
+    return rows
+
+
+def read_jsonl(text: str) -> list[RawRow]:
+    """One JSON object per line; blank lines are skipped."""
+    rows: list[RawRow] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"line {number}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            rows.append(RawRow(where, {"_error": f"not valid JSON ({exc.msg})"}, number))
+            continue
+        if not isinstance(obj, dict):
+            reason = f"must be a JSON object, got {type(obj).__name__}"
+            rows.append(RawRow(where, {"_error": reason}, number))
+            continue
+        values = {_column(str(k)): v for k, v in obj.items()}
+        unknown = sorted(set(values) - set(COLUMNS))
+        if unknown:
+            reason = f"unknown field {unknown[0]!r}; fields are {', '.join(COLUMNS)}"
+            rows.append(RawRow(where, {"_error": reason}, number))
+            continue
+        rows.append(RawRow(where, values, number))
+    return rows
+
+
+def read_directory(base: Path) -> list[RawRow]:
+    """Each .txt file is a row named by its file name; the output is its stem + .mp4."""
+    return [
+        RawRow(p.name, {"script": p.name})
+        for p in sorted(base.iterdir(), key=lambda p: p.name)
+        if p.suffix.lower() == ".txt" and not p.name.startswith(".")
+    ]
+
+
+# --- checking ---------------------------------------------------------------
+
+
+def check_output_key(key: str) -> str | None:
+    """Why `key` cannot name an output in the store, or None when it can."""
+    if not key:
+        return "the output key is empty"
+    if len(key) > MAX_OUTPUT_KEY:
+        return f"the output key has {len(key)} characters; the limit is {MAX_OUTPUT_KEY}"
+    if "\0" in key or any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return "the output key contains a control character"
+    if key.startswith("/"):
+        return f"output key {key!r} must be relative (no leading /)"
+    if "\\" in key:
+        return f"output key {key!r} contains a backslash"
+    parts = key.split("/")
+    if ".." in parts:
+        return f"output key {key!r} must not contain '..'"
+    if any(p in ("", ".") for p in parts):
+        return f"output key {key!r} has an empty or '.' path segment"
+    return None
+
+
+def script_path(base: Path, relative: str) -> Path:
+    """The file `relative` names inside `base`, symlinks resolved; InvalidInput when it
+    is absolute, escapes `base`, or is not a regular file."""
+    if "\0" in relative:
+        raise InvalidInput("the script path contains a NUL byte")
+    if PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
+        raise InvalidInput(f"script path {relative!r} must be relative to the manifest")
+    root = base.resolve()
+    outside = f"script path {relative!r} leads outside the manifest's directory"
+    if not Path(posixpath.normpath(root / relative)).is_relative_to(root):
+        raise InvalidInput(outside)  # before looking: no probing for files outside
+    try:
+        target = (root / relative).resolve(strict=True)
+    except FileNotFoundError:
+        raise InvalidInput(f"no such script file: {relative}") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise InvalidInput(f"script path {relative!r} cannot be read: {exc}") from exc
+    if not target.is_relative_to(root):  # through a symlink
+        raise InvalidInput(outside)
+    if not target.is_file():
+        raise InvalidInput(f"script path {relative!r} is not a regular file")
+    return target
+
+
+def read_script(path: Path, max_chars: int) -> str:
+    # A UTF-8 character is at most 4 bytes: anything longer is over the limit anyway.
+    with path.open("rb") as fh:
+        return decode_script(fh.read(max_chars * 4 + 1), max_chars)
+
+
+def default_output(source: str, text: str) -> str:
+    """A script file's output is its path with .mp4; inline text gets a name from its
+    content, so reordering a manifest does not rename anything."""
+    if source:
+        return str(PurePosixPath(source).with_suffix(".mp4"))
+    return f"text-{hashlib.sha256(text.encode()).hexdigest()[:12]}.mp4"
+
+
+def _string(values: dict[str, Any], name: str) -> str | None:
+    value = values.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
+    return value.strip() or None
+
+
+def check_row(
+    raw: RawRow,
+    base: Path,
+    defaults: Defaults,
+    max_chars: int,
+    check_job: CheckJob,
+) -> Row:
+    """One row to a Row, or InvalidInput with the first thing wrong with it."""
+    if "_error" in raw.values:
+        raise InvalidInput(raw.values["_error"])
+    script, text = _string(raw.values, "script"), _string(raw.values, "text")
+    if script and text:
+        raise InvalidInput("give either 'script' (a path) or 'text', not both")
+    if not script and not text:
+        raise InvalidInput("no script: the row needs a 'script' path or 'text'")
+    if script:
+        body = read_script(script_path(base, script), max_chars)
+        source = posixpath.normpath(script)
+    else:
+        body = decode_script(str(text).encode(), max_chars)
+        source = ""
+    avatar = _string(raw.values, "avatar") or defaults.avatar
+    voice = _string(raw.values, "voice") or defaults.voice
+    webhook = check_job(avatar, voice, _string(raw.values, "webhook") or defaults.webhook)
+    output = _string(raw.values, "output") or default_output(source, body)
+    reason = check_output_key(output)
+    if reason:
+        raise InvalidInput(reason)
+    return Row(raw.where, raw.line, body, source, avatar, voice, webhook, output)
+
+
+def check_rows(
+    rows: Iterable[RawRow],
+    base: Path,
+    defaults: Defaults,
+    max_chars: int,
+    check_job: CheckJob,
+    taken: Callable[[Row], str | None] = lambda _row: None,
+) -> Checked:
+    """Every row checked; problems keep the manifest's order. A later row whose output
+    key repeats an earlier one is a problem that names the earlier row; `taken` says
+    why a row's output is already someone else's (an earlier submission's)."""
+    result = Checked()
+    seen: dict[str, str] = {}
+    for raw in rows:
+        try:
+            row = check_row(raw, base, defaults, max_chars, check_job)
+        except FarmError as exc:
+            result.problems.append(Problem(raw.where, str(exc), raw.line))
+            continue
+        first = seen.get(row.output)
+        if first is not None:
+            reason = f"output key {row.output!r} is already used by {first}"
+            result.problems.append(Problem(raw.where, reason, raw.line))
+            continue
+        elsewhere = taken(row)
+        if elsewhere:
+            result.problems.append(Problem(raw.where, elsewhere, raw.line))
+            continue
+        seen[row.output] = row.where
+        result.rows.append(row)
+    return result
+
+
+# --- idempotency ------------------------------------------------------------
+
+
+def row_key(scope: str, row: Row, options: Iterable[Any] = ()) -> str:
+    """The job's idempotency key: a hash of the scope (the batch name) and everything
+    that decides what the row renders, so the same row submitted again is the same
+    job, and an edited row is a new one. Where the row sits in the manifest is not
+    part of it."""
+    content = [scope, row.script, row.avatar, row.voice, row.webhook, row.output, *options]
+    blob = json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str)
+    return "b1:" + hashlib.sha256(blob.encode()).hexdigest()

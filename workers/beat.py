@@ -1,0 +1,45 @@
+"""The beat schedule: the nightly batch, when FARM_NIGHTLY_INBOX names an inbox.
+
+Beat must run as exactly one process (`celery -A workers.app beat`): two would fire
+every entry twice. The nightly task is idempotent, so a double firing submits nothing
+twice, but one beat is still the rule. Crontabs are in UTC (app.conf.timezone).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.schedules import crontab
+
+from farm.config import Settings
+from farm.errors import InvalidInput
+
+NIGHTLY_TASK = "farm.nightly"
+_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+
+
+def parse_cron(text: str) -> crontab:
+    """'0 2 * * *' (minute hour day-of-month month day-of-week) to a celery crontab."""
+    parts = text.split()
+    if len(parts) != len(_FIELDS):
+        raise InvalidInput(
+            f"FARM_NIGHTLY_CRON must have 5 fields (minute hour day month weekday), got {text!r}"
+        )
+    try:
+        return crontab(**dict(zip(_FIELDS, parts, strict=True)))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"FARM_NIGHTLY_CRON {text!r} is not a valid crontab: {exc}") from exc
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    if not settings.nightly_inbox:
+        return {}
+    return {
+        "farm-nightly": {
+            "task": NIGHTLY_TASK,
+            "schedule": parse_cron(settings.nightly_cron),
+            # A firing nobody picked up within the hour is dropped; the next one
+            # finds the same inbox anyway.
+            "options": {"expires": 3600},
+        }
+    }
