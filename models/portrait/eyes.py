@@ -63,6 +63,12 @@ class Eyelids:
         x1, y1 = np.clip(np.ceil(hi).astype(int) + 1, 0, size)
         return cls(tables.astype(np.float32), left, (int(x0), int(y0), int(x1), int(y1)))
 
+    def lookup(self) -> np.ndarray:
+        """(7, S) float32: the six curves, then 1 where the column is the left eye's. One
+        float table, so one gather serves every curve and no bool tensor reaches an
+        exported graph."""
+        return np.concatenate([self.tables, self.left[None].astype(np.float32)])
+
 
 def _eye_tables(
     landmarks: np.ndarray,
@@ -85,15 +91,16 @@ def _eye_tables(
     return np.stack([top, lid, closed, low, bottom, waterline])
 
 
-def close_lids(
-    source: torch.Tensor, tables: torch.Tensor, left: torch.Tensor, blink: torch.Tensor
-) -> torch.Tensor:
-    """New source y for source positions (N, h, w, 2) at blink (N, 2) = (left, right)."""
+def close_lids(source: torch.Tensor, lookup: torch.Tensor, blink: torch.Tensor) -> torch.Tensor:
+    """New source y for source positions (N, h, w, 2) at blink (N, 2) = (left, right);
+    `lookup` is `Eyelids.lookup()` as a tensor."""
     sx, sy = source[..., 0], source[..., 1]
-    # The nearest column's curves: they move under a quarter pixel per column.
-    col = sx.long().clamp(0, tables.shape[1] - 1)
-    top, lid, closed, low, bottom, waterline = tables[:, col]
-    amount = torch.where(left[col], blink[:, 0, None, None], blink[:, 1, None, None])
+    # The nearest column's curves: they move under a quarter pixel per column. Floor
+    # before the cast: the same column as truncation after the clamp, and an exported
+    # graph does not depend on how a runtime casts negative floats to integers.
+    col = sx.floor().clamp(0, lookup.shape[1] - 1).long()
+    top, lid, closed, low, bottom, waterline, left = lookup[:, col].unbind(0)
+    amount = torch.where(left > 0.5, blink[:, 0, None, None], blink[:, 1, None, None])
     lid_now = lid + amount * (closed - lid)
     low_now = low + amount * (closed - low)
     upper_skin = (sy > top) & (sy < lid_now)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .landmarks import CHEEK_LEFT, CHEEK_RIGHT, FaceFrame
+from .landmarks import CHEEK_LEFT, CHEEK_RIGHT, UPPER_INNER_LIP, FaceFrame
 
 CAVITY_RGB = (95.0, 38.0, 40.0)
 TONGUE_RGB = (140.0, 58.0, 62.0)
@@ -23,6 +23,7 @@ UPPER_TEETH = 0.055  # visible height of the upper incisors, in face heights
 LOWER_TEETH = 0.032
 OPEN_RAMP = 0.012  # face heights of extra opening over which the interior fades in
 TEETH_ACROSS = 4.0  # teeth per half arch that show in a wide-open mouth
+LIP_POINTS = len(UPPER_INNER_LIP)  # points per inner lip contour, upper and lower alike
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,12 @@ def _skin_light(image: np.ndarray, landmarks: np.ndarray) -> float:
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear f(x) per frame: x (W,), xp and fp (N, M) with xp ascending."""
-    xq = x.expand(xp.shape[0], -1).contiguous()
-    hi = torch.searchsorted(xp, xq).clamp(1, xp.shape[1] - 1)
+    """Piecewise-linear f(x) per frame: x (W,), xp and fp (N, LIP_POINTS), xp ascending."""
+    xq = x.expand(xp.shape[0], -1)
+    # searchsorted(xp, xq) is the count of knots below each x; counted directly (a float
+    # sum of at most M ones, exact) because ONNX has no searchsorted.
+    below = (xp[:, None, :] < xq[:, :, None]).to(xp.dtype).sum(dim=2)
+    hi = below.clamp(1, LIP_POINTS - 1).long()
     lo = hi - 1
     x0, x1 = xp.gather(1, lo), xp.gather(1, hi)
     f0, f1 = fp.gather(1, lo), fp.gather(1, hi)
@@ -85,7 +89,9 @@ def lip_curves(lips: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torc
     """Upper and lower inner-lip y at columns xs: lips (N, 2, M, 2) -> two (N, W)."""
     curves = []
     for contour in (lips[:, 0], lips[:, 1]):
-        x, order = contour[..., 0].sort(dim=1)
+        # topk with a constant k sorts like sort(), but exports with a constant K,
+        # which TensorRT requires.
+        x, order = contour[..., 0].topk(LIP_POINTS, dim=1, largest=False, sorted=True)
         curves.append(_interp(xs, x, contour[..., 1].gather(1, order)))
     return curves[0], curves[1]
 
@@ -106,20 +112,20 @@ def _band(distance: torch.Tensor, edge: float) -> torch.Tensor:
 
 
 def composite(
-    rgb: torch.Tensor,
+    region: torch.Tensor,
     lips: torch.Tensor,
     tongue_tip: torch.Tensor,
     rest_gap: float,
     style: MouthStyle,
-    origin: tuple[int, int],
-) -> None:
-    """Paint the mouth interior into rgb (N, 3, h, w, values 0-255) in place.
+) -> torch.Tensor:
+    """The mouth box of the warped frames, region (N, 3, H, W, values 0-255) over
+    `style.box`, with the mouth interior painted in. A new tensor rather than a write
+    into the frames: an exported graph keeps only what a function returns.
 
-    lips: (N, 2, M, 2) deformed inner lip contours in output pixels; origin: the
-    output pixel of rgb[..., 0, 0].
+    lips: (N, 2, M, 2) deformed inner lip contours in output pixels.
     """
     x0, y0, x1, y1 = style.box
-    dtype, device = rgb.dtype, rgb.device
+    dtype, device = region.dtype, region.device
     xs = torch.arange(x0, x1, device=device, dtype=torch.float32) + 0.5
     ys = torch.arange(y0, y1, device=device, dtype=torch.float32) + 0.5
     upper, lower = lip_curves(lips.float(), xs)  # (N, W)
@@ -143,9 +149,8 @@ def composite(
     s = (below_upper / gap[:, None, :].clamp_min(1e-3)).clamp(0, 1)
     colour = _interior(s, q, gap[:, None, :], below_upper, above_lower, tongue_tip, style)
 
-    region = rgb[:, :, y0 - origin[1] : y1 - origin[1], x0 - origin[0] : x1 - origin[0]]
     a = alpha[:, None].to(dtype)
-    region.mul_(1 - a).add_(colour.to(dtype) * a)
+    return region * (1 - a) + colour.to(dtype) * a
 
 
 def _interior(

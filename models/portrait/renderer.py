@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,11 @@ import torch
 from models.base import FrameSink, Phone, Plan, RenderStats
 
 from .avatar import PortraitAvatar, prepare_avatar
-from .render import PortraitRig, build_rig
+from .export import TensorRTBackend, backend_choice
+from .net import PortraitNet
+from .render import build_rig
+
+log = logging.getLogger(__name__)
 
 
 class PortraitRenderer:
@@ -29,13 +35,18 @@ class PortraitRenderer:
         self.batch_size = batch_size
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.backend = "cpu"  # "tensorrt" | "cuda" | "cpu", see export.backend_choice
+        self.model_dir: Path | None = None
 
     def load(self, model_dir: Path, device: str = "auto") -> None:
-        """No weights to read (`model_dir` is unused): this only picks the device."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        """Picks the path (TensorRT, PyTorch CUDA or CPU) and says which, once per worker
+        process. TensorRT engines are cached under `model_dir`/engines."""
+        choice = backend_choice(device)
+        self.backend = choice.path
+        self.device = torch.device(choice.device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.model_dir = Path(model_dir)
+        log.info("portrait renderer: using %s (%s)", choice.path, choice.reason)
 
     def prepare_avatar(self, photo: np.ndarray) -> PortraitAvatar:
         return prepare_avatar(photo)
@@ -64,16 +75,32 @@ class PortraitRenderer:
         if frames.step != 1 or frames.start < 0 or frames.stop > plan.frame_count:
             raise ValueError(f"frames {frames} are not a range inside 0..{plan.frame_count}")
         started = time.perf_counter()
-        rig = self.rig(avatar, min(plan.width, plan.height))
+        network = self.network(avatar, min(plan.width, plan.height))
         track = torch.from_numpy(np.ascontiguousarray(plan.track, dtype=np.float32))
         for start in range(frames.start, frames.stop, self.batch_size):
             rows = track[start : min(start + self.batch_size, frames.stop)]
-            square = rig(rows.to(self.device)).cpu().numpy()
+            square = network(rows.to(self.device)).cpu().numpy()
             sink.write(_letterbox(square, plan.width, plan.height))
         seconds = time.perf_counter() - started
         return RenderStats(frames=len(frames), seconds=seconds, device=str(self.device))
 
-    def rig(self, avatar: PortraitAvatar, size: int) -> PortraitRig:
+    def network(self, avatar: PortraitAvatar, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What renders this avatar at this size on the chosen path, built once."""
+        if self.backend != "tensorrt":
+            return self.rig(avatar, size)
+        key = ("tensorrt", size, str(self.device), self.batch_size)
+        if key not in avatar.cache:
+            engines = (self.model_dir or Path(".")) / "engines"
+            try:
+                avatar.cache[key] = TensorRTBackend.for_avatar(self, avatar, size, engines)
+            except Exception as exc:
+                # TensorRT is an accelerator, not a requirement: a graph one version
+                # cannot build must not fail every job on the worker.
+                log.warning("portrait renderer: TensorRT failed (%s); using PyTorch CUDA", exc)
+                avatar.cache[key] = self.rig(avatar, size)
+        return avatar.cache[key]
+
+    def rig(self, avatar: PortraitAvatar, size: int) -> PortraitNet:
         """The avatar's precomputed tensors for this size and device, built once."""
         key = (size, str(self.device), self.dtype)
         if key not in avatar.cache:
