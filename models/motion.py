@@ -230,6 +230,8 @@ def _pins(
         rows = slice(max(first, 0), max(min(last, n - 1) + 1, 0))
         upper[rows, _J["jaw_open"]] = np.minimum(upper[rows, _J["jaw_open"]], _REST_JAW)
         upper[rows, relaxed] = np.minimum(upper[rows, relaxed], _REST_OTHER)
+        # A photo often smiles with parted lips; a silent speaker's lips are together.
+        lower[rows, _J["lip_press"]] = 1.0
     return lower, upper
 
 
