@@ -1,0 +1,147 @@
+"""Faults injected for real: a render worker killed with SIGKILL in the middle of a
+chunk. The `null` renderer with a per-frame delay makes chunks long enough to be hit
+mid-render (this is about scheduling, not pixels), and its frames encode their index,
+so "identical to a clean run" is checked frame by frame on the decoded videos."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from farm import migrate
+from tests.conftest import need_service
+from tests.probe import probe
+from tests.services import Workers, fresh_redis_db, redis_up
+
+SCRIPT = b"A render worker dies in the middle of this chunk. Another one finishes the job."
+
+
+@pytest.fixture
+def farm_env(postgres_url: str, tmp_path: Path):
+    need_service(redis_up(), "Redis at 127.0.0.1:6379")
+    migrate.upgrade(postgres_url)
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path / "home"),
+        "FARM_BROKER_URL": fresh_redis_db(15),
+        "FARM_DATABASE_URL": postgres_url,
+        "FARM_RENDERER": "null",
+        "FARM_NULL_FRAME_MS": "40",
+        # A killed worker's unacknowledged message comes back after this long.
+        "FARM_VISIBILITY_TIMEOUT": "8",
+    }
+    env.pop("FARM_STORE_URL", None)
+    yield env
+    fresh_redis_db(15)
+
+
+def _submit(env: dict[str, str], out: Path, wait: bool = True) -> subprocess.Popen:
+    # espeak: deterministic speech, so the clean and the killed run plan the same frames.
+    args = [
+        "submit",
+        "-",
+        "--voice",
+        "espeak",
+        "--size",
+        "64",
+        "--chunk-frames",
+        "25",
+        "--seed",
+        "5",
+    ]
+    if wait:
+        args += ["--wait", "--output", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "farm", *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(SCRIPT)
+    proc.stdin.close()
+    proc.stdin = None  # communicate() must not flush it again
+    return proc
+
+
+def _running_chunk(url: str, timeout: float = 120) -> tuple[str, int, str]:
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.text(
+                        "SELECT job_id, idx, worker FROM chunks WHERE state = 'running' "
+                        "ORDER BY started_at LIMIT 1"
+                    )
+                ).first()
+            if row:
+                return row[0], row[1], row[2]
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise AssertionError("no chunk started rendering")
+
+
+def _attempts(url: str, job_id: str) -> dict[int, int]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT idx, attempts FROM chunks WHERE job_id = :j"), {"j": job_id}
+        ).all()
+    engine.dispose()
+    return {idx: n for idx, n in rows}
+
+
+def _frames(path: Path) -> np.ndarray:
+    return probe(path).frames[:, 32, 32, 0].astype(int)
+
+
+def _clean_run(env: dict[str, str], workers: Workers, out: Path) -> None:
+    proc = _submit(env, out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+
+
+@pytest.mark.parametrize("what", ["child", "whole worker"])
+def test_render_worker_killed_mid_chunk(farm_env, tmp_path, what):
+    env = farm_env
+    workers = Workers(env, tmp_path)
+    workers.start("cpu", "cpu", concurrency=2)
+    workers.start("render1", "render")
+    workers.start("render2", "render")
+    try:
+        workers.wait_ready()
+        clean = tmp_path / "clean.mp4"
+        _clean_run(env, workers, clean)
+
+        killed = tmp_path / "killed.mp4"
+        proc = _submit(env, killed)
+        job_id, idx, worker = _running_chunk(env["FARM_DATABASE_URL"])
+        victim = worker.split("@")[0]
+        main = psutil.Process(workers.procs[victim].pid)
+        # `farm worker` execs celery: the process is the worker's main process.
+        if what == "child":
+            (child,) = main.children()
+            os.kill(child.pid, signal.SIGKILL)
+        else:
+            workers.kill(victim)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        workers.stop()
+
+    assert _attempts(env["FARM_DATABASE_URL"], job_id)[idx] >= 2  # it really was redone
+    a, b = _frames(clean), _frames(killed)
+    assert a.shape == b.shape and np.array_equal(a, b)
