@@ -87,7 +87,14 @@ def _read_script(source: str, settings: Settings) -> str:
 
 
 @main.command()
-@click.argument("script", metavar="SCRIPT")
+@click.argument("script", metavar="[SCRIPT]", required=False)
+@click.option(
+    "--audio",
+    "audio",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Animate this recording (wav, mp3, m4a, ...) instead of speaking a SCRIPT.",
+)
 @click.option("--avatar", default="demo", show_default=True, help="Avatar name.")
 @click.option(
     "--voice", default="joe", show_default=True, help=f"TTS voice: {', '.join(jobs.VOICES)}."
@@ -118,7 +125,8 @@ def _read_script(source: str, settings: Settings) -> str:
 )
 @fail_cleanly
 def submit(
-    script: str,
+    script: str | None,
+    audio: Path | None,
     avatar: str,
     voice: str,
     fps: int | None,
@@ -129,11 +137,24 @@ def submit(
     output: Path | None,
     webhook: str | None,
 ) -> None:
-    """Submit SCRIPT (a UTF-8 text file, or - for stdin) as a job; print its id."""
+    """Submit SCRIPT (a UTF-8 text file, or - for stdin) as a job; print its id.
+
+    With --audio instead of SCRIPT, the avatar speaks that recording: the mouth
+    follows the words speech recognition hears in it."""
     settings = Settings.from_env()
-    text = _read_script(script, settings)
+    if (script is None) == (audio is None):
+        raise InvalidInput("give exactly one of SCRIPT or --audio FILE")
+    text, audio_wav = "", None
+    if audio is not None:
+        from farm import audio as audio_input
+
+        audio_wav = audio_input.to_wav(audio_input.decode(audio, settings.max_audio_seconds))
+    else:
+        assert script is not None
+        text = _read_script(script, settings)
     request = jobs.JobRequest(
         script=text,
+        audio_wav=audio_wav,
         avatar=avatar,
         voice=voice,
         fps=settings.fps if fps is None else fps,
@@ -247,6 +268,9 @@ def status(job_id: str) -> None:
     click.echo(f"segments  {prog.segments_done}/{prog.segments_total}")
     click.echo(f"chunks    {prog.chunks_done}/{prog.chunks_total}  frames {job.frame_count}")
     click.echo(f"audio     {_fmt_seconds(job.audio_seconds)}")
+    if job.audio_key:
+        heard = job.transcript if job.transcript is not None else "(not recognised yet)"
+        click.echo(f"heard     {heard or '(no words)'}")
     click.echo(f"created   {job.created_at:%Y-%m-%d %H:%M:%S} UTC")
     if job.timings:
         timings = "  ".join(f"{k} {v:.2f}s" for k, v in sorted(job.timings.items()))
@@ -289,14 +313,9 @@ def list_jobs(limit: int, state: str | None) -> None:
 def cancel(job_id: str) -> None:
     """Cancel a job: queued tasks never start, running chunks stop within a frame batch."""
     ctx = make_context(start_runtime=False)
-    with ctx.session() as s:
-        job = queries.find_job_by_prefix(s, job_id)
-        moved = queries.transition(s, job.id, states.CANCELLED)
-        segments, chunks = job.segments_total, job.chunks_total
-    if not moved:
-        raise InvalidInput(f"job {job.id} is already {job.state}")
+    job = jobs.cancel(ctx, job_id)
     try:
-        _celery().revoke_job(job.id, segments, chunks)
+        _celery().revoke_job(job.id, job.segments_total, job.chunks_total)
     except Exception as exc:  # the flag alone still stops every task that runs
         click.echo(f"farm: warning: could not revoke queued tasks: {exc}", err=True)
     click.echo(f"cancelled {job.id}")

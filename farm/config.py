@@ -47,6 +47,7 @@ class Settings:
     cpu_concurrency: int = 2
     max_script_chars: int = 20_000
     max_segment_chars: int = 400
+    max_audio_seconds: float = 600.0  # longest input of `farm submit --audio`
     segment_pause_ms: int = 350
     task_max_retries: int = 3
     visibility_timeout: int = 12 * 3600  # above the longest task + queue wait (celery#5935)

@@ -94,6 +94,10 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
     batch_row: Mapped[str | None] = mapped_column(String(256))
     target_key: Mapped[str | None] = mapped_column(String(512))
+    # audio-only jobs (migration 0004): the normalised input WAV in the store (None: a
+    # script job) and the words speech recognition heard in it (for `farm status`)
+    audio_key: Mapped[str | None] = mapped_column(String(512))
+    transcript: Mapped[str | None] = mapped_column(Text)
 
 
 class Batch(Base):

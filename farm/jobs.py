@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from farm import queries, states, webhooks
 from farm.context import Context
+from farm.db import Job
 from farm.errors import InvalidInput, PermanentError
 from farm.media import concat_list, count_frames, ffmpeg_exe, mux_argv, run_ffmpeg
 from farm.script import split_script
@@ -30,6 +31,9 @@ BUILTIN_AVATARS: tuple[str, ...] = ("demo",)
 _AVATAR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LEAD_IN_SECONDS = 0.3  # silence before the first word, so the mouth starts closed
 TAIL_SECONDS = 0.5
+# Audio jobs get the same lead-in and tail (the plan adds them to every job's timeline),
+# so the video of an audio job is the input plus LEAD_IN_SECONDS + TAIL_SECONDS.
+INPUT_AUDIO = "input.wav"  # jobs/{id}/input.wav: an audio job's normalised input
 
 
 def check_avatar_name(name: str) -> str:
@@ -64,6 +68,9 @@ class JobRequest:
     priority: int = 5
     renderer: str | None = None  # None: the configured default
     webhook: str | None = None  # None: the avatar's webhook, else FARM_WEBHOOK_URL
+    # An audio-only job: the normalised input (farm.audio.to_wav), spoken instead of
+    # `script` (then empty); motion comes from speech recognition on it.
+    audio_wav: bytes | None = None
 
 
 def validate(ctx: Context, req: JobRequest) -> None:
@@ -89,6 +96,10 @@ def create(ctx: Context, req: JobRequest) -> str:
     validate(ctx, req)
     webhook_url = webhooks.job_webhook(ctx, req.webhook, req.avatar)
     job_id = uuid.uuid4().hex
+    audio_key = None
+    if req.audio_wav is not None:
+        audio_key = job_key(job_id, INPUT_AUDIO)
+        ctx.store.put_bytes(audio_key, req.audio_wav)
     with ctx.session() as s:
         queries.insert_job(
             s,
@@ -104,6 +115,7 @@ def create(ctx: Context, req: JobRequest) -> str:
             seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
             priority=req.priority,
             webhook_url=webhook_url,
+            audio_key=audio_key,
         )
     return job_id
 
@@ -111,7 +123,11 @@ def create(ctx: Context, req: JobRequest) -> str:
 def forget(ctx: Context, job_id: str) -> None:
     """Remove a job that was never accepted (it could not be enqueued)."""
     with ctx.session() as s:
-        s.delete(queries.get_job(s, job_id))
+        job = queries.get_job(s, job_id)
+        audio_key = job.audio_key
+        s.delete(job)
+    if audio_key:
+        ctx.store.delete_prefix(audio_key)
 
 
 # --- stages -----------------------------------------------------------------
@@ -126,9 +142,14 @@ def prepare(ctx: Context, job_id: str) -> int:
             queries.transition(s, job_id, states.PREPARING)
         elif job.state != states.PREPARING:
             return 0
-        parts = split_script(
-            job.script, ctx.settings.max_segment_chars, ctx.settings.segment_pause_ms
-        )
+        if job.audio_key:
+            # One segment, spoken by the audio itself: the tts stage runs speech
+            # recognition on it instead of synthesis (models.stages.speak).
+            parts = [("", 0)]
+        else:
+            parts = split_script(
+                job.script, ctx.settings.max_segment_chars, ctx.settings.segment_pause_ms
+            )
         job.segments_total = queries.insert_segments(s, job_id, parts)
         queries.transition(s, job_id, states.SPEAKING)
         return job.segments_total
@@ -190,6 +211,17 @@ def fail(ctx: Context, job_id: str, error: str) -> bool:
         event = webhooks.record_job_event(s, ctx, job_id) if moved else None
     webhooks.dispatch(ctx, event)
     return moved
+
+
+def cancel(ctx: Context, job_id_or_prefix: str) -> Job:
+    """Mark a job cancelled (running tasks see the flag between frame batches) and
+    remove its partial artifacts. InvalidInput if it had already ended."""
+    with ctx.session() as s:
+        job = queries.find_job_by_prefix(s, job_id_or_prefix)
+        if not queries.transition(s, job.id, states.CANCELLED):
+            raise InvalidInput(f"job {job.id} is already {job.state}")
+    ctx.store.delete_prefix(job_key(job.id))
+    return job
 
 
 def is_active(ctx: Context, job_id: str) -> bool:

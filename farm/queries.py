@@ -86,6 +86,10 @@ def record_timing(session: Session, job_id: str, stage: str, seconds: float) -> 
     job.timings = {**(job.timings or {}), stage: round(seconds, 3)}
 
 
+def set_transcript(session: Session, job_id: str, transcript: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(transcript=transcript))
+
+
 def count_active_jobs(session: Session) -> int:
     return session.scalar(select(func.count()).where(Job.state.in_(states.ACTIVE))) or 0
 
@@ -196,6 +200,15 @@ def fail_chunk(session: Session, job_id: str, idx: int, error: str) -> None:
         update(Chunk)
         .where(Chunk.job_id == job_id, Chunk.idx == idx, Chunk.state != "done")
         .values(state="failed", error=error, finished_at=utcnow())
+    )
+
+
+def stop_chunk(session: Session, job_id: str, idx: int) -> None:
+    """A chunk that stopped because its job was cancelled."""
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.idx == idx, Chunk.state == "running")
+        .values(state="cancelled", finished_at=utcnow())
     )
 
 

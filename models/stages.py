@@ -20,7 +20,7 @@ from farm.errors import Cancelled, InvalidInput, NotFound
 from farm.media import FrameEncoder, VideoFormat
 from farm.store import avatar_key, chunk_key, job_key
 from models import tts
-from models.base import AvatarArtifact, Phone, Plan, Renderer
+from models.base import AvatarArtifact, Phone, Plan, Renderer, Speech
 from models.registry import get_renderer
 
 
@@ -37,8 +37,11 @@ def speak(ctx: Context, job_id: str, idx: int) -> float:
     with ctx.session() as s:
         job = queries.get_job(s, job_id)
         seg = queries.get_segment(s, job_id, idx)
-        text, voice = seg.text, job.voice
-    speech = tts.synthesize(text, voice)
+        text, voice, audio_key = seg.text, job.voice, job.audio_key
+    if audio_key:
+        speech = _recognise(ctx, job_id, audio_key)
+    else:
+        speech = tts.synthesize(text, voice)
     wav = io.BytesIO()
     tts.write_wav(speech, wav)
     ctx.store.put_bytes(job_key(job_id, "audio", f"{idx:04d}.wav"), wav.getvalue())
@@ -47,6 +50,18 @@ def speak(ctx: Context, job_id: str, idx: int) -> float:
         json.dumps(tts.phones_to_json(speech.phones)).encode(),
     )
     return speech.seconds
+
+
+def _recognise(ctx: Context, job_id: str, audio_key: str) -> Speech:
+    """An audio job's one segment: its input, with phones from speech recognition
+    (models/asr.py); the transcript goes on the job for `farm status`."""
+    from models import asr
+
+    samples, rate = tts.read_wav(io.BytesIO(ctx.store.get_bytes(audio_key)))
+    speech, transcript = asr.speech_from_audio(samples, rate)
+    with ctx.session() as s:
+        queries.set_transcript(s, job_id, transcript)
+    return speech
 
 
 # --- plan -------------------------------------------------------------------
@@ -150,7 +165,12 @@ def render(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
         if not done:
             queries.start_chunk(s, job_id, idx, worker)
     if not done:
-        seconds = _render_frames(ctx, job_id, idx, frames, avatar_name, renderer_name)
+        try:
+            seconds = _render_frames(ctx, job_id, idx, frames, avatar_name, renderer_name)
+        except Cancelled:
+            with ctx.session() as s:
+                queries.stop_chunk(s, job_id, idx)
+            raise
     # Counted even for a redelivered chunk that was already done: the first attempt
     # may have died between finishing and moving the job on.
     return jobs.chunk_finished(ctx, job_id, idx, seconds)
@@ -178,6 +198,10 @@ def _render_frames(
             raise
         seconds = time.perf_counter() - started
         ctx.store.put_file(chunk_key(job_id, idx), out)
+    if not jobs.is_active(ctx, job_id):
+        # Cancelled while this chunk was uploading: leave nothing behind.
+        ctx.store.delete_prefix(chunk_key(job_id, idx))
+        raise Cancelled(f"job {job_id} is no longer active")
     return seconds
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "Speech",
     "phones_from_json",
     "phones_to_json",
+    "phonemize",
     "read_wav",
     "resample",
     "synthesize",
@@ -82,6 +83,12 @@ def synthesize(text: str, voice: str = "joe") -> Speech:
         raise InvalidInput(f"the text produced no speech: {text[:60]!r}")
     seconds = samples.size / SAMPLE_RATE
     return Speech(samples=samples, sample_rate=SAMPLE_RATE, phones=_phones_from_raw(raw, seconds))
+
+
+def phonemize(text: str) -> str:
+    """IPA of `text` from espeak-ng's text-to-phoneme pass (no audio is synthesised):
+    phones separated by "_", words by spaces, stress marks on their phone."""
+    return _espeak().phonemes(text)
 
 
 # --- the phone list --------------------------------------------------------------------------
@@ -426,6 +433,8 @@ _CHARS_UTF8 = 1
 _POS_CHARACTER = 1
 _EVENT_LIST_TERMINATED = 0
 _EVENT_PHONEME = 7
+# espeak_TextToPhonemes phonememode: bit 1 IPA, bits 8-23 the separator between phones.
+_PHONEMES_IPA_SEPARATED = 0x02 | (ord("_") << 8)
 _ESPEAK_VOICE = b"en-us"
 
 
@@ -461,6 +470,12 @@ class _Espeak:
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
         lib.espeak_Synth.argtypes = [
             ctypes.c_char_p,
             ctypes.c_size_t,
@@ -508,6 +523,20 @@ class _Espeak:
                 raise PermanentError(f"espeak-ng synthesis failed (code {status})")
             audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.int16)
             return audio.astype(np.int16), list(self._events)
+
+    def phonemes(self, text: str) -> str:
+        """IPA of `text` without synthesising it: phones separated by "_", words by " "."""
+        buf = ctypes.create_string_buffer(text.encode("utf-8"))
+        pointer = ctypes.c_void_p(ctypes.addressof(buf))
+        clauses: list[str] = []
+        with self._lock:
+            while pointer.value:
+                out = self._lib.espeak_TextToPhonemes(
+                    ctypes.byref(pointer), _CHARS_UTF8, _PHONEMES_IPA_SEPARATED
+                )
+                if out:
+                    clauses.append(out.decode("utf-8", "ignore"))
+        return " ".join(c.strip() for c in clauses if c.strip())
 
 
 @functools.cache

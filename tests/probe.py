@@ -20,6 +20,7 @@ class Probe:
     video_seconds: float
     audio: np.ndarray  # mono float32
     sample_rate: int
+    audio_duration: float = 0.0  # the container's (edit-list aware) audio duration
 
     @property
     def frame_count(self) -> int:
@@ -27,6 +28,10 @@ class Probe:
 
     @property
     def audio_seconds(self) -> float:
+        """The container's duration: decoded AAC carries up to two frames (2048 samples)
+        of encoder priming and padding beyond the real audio."""
+        if self.audio_duration:
+            return self.audio_duration
         return len(self.audio) / self.sample_rate if self.sample_rate else 0.0
 
 
@@ -41,14 +46,27 @@ def probe(path: Path) -> Probe:
         video_seconds = float(vstream.duration * vstream.time_base) if vstream.duration else 0.0
         vcodec, width, height = vstream.codec_context.name, vstream.width, vstream.height
     audio = np.zeros(0, np.float32)
-    rate, acodec = 0, None
+    rate, acodec, audio_duration = 0, None, 0.0
     if astreams:
         with av.open(str(path)) as container:
             astream = container.streams.audio[0]
             acodec, rate = astream.codec_context.name, astream.rate
+            if astream.duration:
+                audio_duration = float(astream.duration * astream.time_base)
             chunks = [f.to_ndarray().astype(np.float32) for f in container.decode(audio=0)]
         audio = np.concatenate([c.mean(axis=0) if c.ndim == 2 else c for c in chunks])
-    return Probe(vcodec, acodec, width, height, fps, np.stack(frames), video_seconds, audio, rate)
+    return Probe(
+        vcodec,
+        acodec,
+        width,
+        height,
+        fps,
+        np.stack(frames),
+        video_seconds,
+        audio,
+        rate,
+        audio_duration,
+    )
 
 
 def speech_mask(p: Probe, threshold_db: float = -35.0) -> np.ndarray:

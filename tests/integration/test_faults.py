@@ -145,3 +145,69 @@ def test_render_worker_killed_mid_chunk(farm_env, tmp_path, what):
     assert _attempts(env["FARM_DATABASE_URL"], job_id)[idx] >= 2  # it really was redone
     a, b = _frames(clean), _frames(killed)
     assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_cancel_while_rendering_stops_everything_and_cleans_up(farm_env, tmp_path):
+    env = farm_env
+    workers = Workers(env, tmp_path)
+    workers.start("cpu", "cpu", concurrency=2)
+    workers.start("render1", "render")
+    url = env["FARM_DATABASE_URL"]
+    try:
+        workers.wait_ready()
+        proc = _submit(env, tmp_path / "unused.mp4", wait=False)
+        out, _ = proc.communicate(timeout=60)
+        job_id = out.decode().strip()
+        _running_chunk(url)
+        cancelled_at = time.time()
+        cancel = subprocess.run(
+            [sys.executable, "-m", "farm", "cancel", job_id],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert cancel.returncode == 0, cancel.stderr.decode()
+        # A frame batch is 16 frames of 40 ms: the running chunk stops well within 3 s.
+        engine = sa.create_engine(url)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                running = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM chunks WHERE job_id = :j AND state = 'running'"
+                        " AND worker IS NOT NULL"
+                    ),
+                    {"j": job_id},
+                ).scalar()
+            if not running:
+                break
+            time.sleep(0.1)
+        assert not running, "the running chunk did not stop within a frame batch"
+        time.sleep(2)  # anything still queued would have started by now
+        with engine.connect() as conn:
+            state = conn.execute(
+                sa.text("SELECT state FROM jobs WHERE id = :j"), {"j": job_id}
+            ).scalar()
+            late = conn.execute(
+                sa.text("SELECT count(*) FROM chunks WHERE job_id = :j AND started_at > :t"),
+                {"j": job_id, "t": _utc(cancelled_at + 0.5)},
+            ).scalar()
+            done = conn.execute(
+                sa.text("SELECT count(*) FROM chunks WHERE job_id = :j AND state = 'done'"),
+                {"j": job_id},
+            ).scalar()
+        engine.dispose()
+    finally:
+        workers.stop()
+    assert state == "cancelled"
+    assert late == 0, "a queued chunk started after the cancel"
+    assert done <= 1
+    assert not (Path(env["FARM_HOME"]) / "artifacts" / "jobs" / job_id).exists() or not any(
+        p.is_file() for p in (Path(env["FARM_HOME"]) / "artifacts" / "jobs" / job_id).rglob("*")
+    ), "partial artifacts were left behind"
+
+
+def _utc(ts: float):
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
