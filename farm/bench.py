@@ -84,19 +84,37 @@ def end_to_end(ctx: Context, enqueue: Any, script_text: str, runs: int) -> dict[
 
 
 def format_report(stages: dict, e2e: dict | None) -> str:
-    lines = ["TTS (real-time factor = synthesis time / audio time; lower is faster)"]
+    """Per stage: frames per second (video frames at 25 fps worth of work per second)
+    and real-time factor (stage time / audio time covered; lower is faster)."""
+    lines = ["Per stage: fps = video frames (25 fps) per second; RTF = stage time / audio time"]
+    lines.append("TTS")
     for voice, row in stages["tts"].items():
+        fps = row.get("fps", 25 / row["rtf"])
         lines.append(
             f"  {voice:8} audio {row['audio_seconds']:6.1f}s  synth {row['seconds']:6.2f}s"
-            f"  RTF {row['rtf']:.3f}"
+            f"  {fps:8.0f} fps  RTF {row['rtf']:.3f}"
         )
-    lines.append("Render and encode (one process; frames per second)")
+    lines.append("Plan, render, encode, mux (one process; mode: face crop, letterboxed face,")
+    lines.append("or the whole photo with the face pasted back)")
     for row in stages["render"]:
-        lines.append(
-            f"  {row['size']:>9} threads {row['threads']}  {row['device']:5}"
-            f"  plan {row['plan_seconds'] * 1000:6.1f} ms  render {row['render_fps']:6.1f}"
-            f" fps  encode {row['encode_fps']:6.1f} fps"
+        head = (
+            f"  {row['size']:>9} {row.get('mode', 'face'):9} threads {row['threads']}"
+            f"  {row['device']:5}"
         )
+        if "plan" not in row:  # figures from before per-stage rates
+            lines.append(
+                f"{head}  plan {row['plan_seconds'] * 1000:6.1f} ms  render"
+                f" {row['render_fps']:6.1f} fps  encode {row['encode_fps']:6.1f} fps"
+            )
+            continue
+        lines.append(f"{head}  codec {row['codec']}  ({row['frames']} frames)")
+        for stage in ("plan", "render", "encode", "mux"):
+            fig = row[stage]
+            lines.append(f"      {stage:7} {fig['fps']:9.1f} fps  RTF {fig['rtf']:.4f}")
+        memory = f"      peak memory so far: {row['peak_rss_mib']:.0f} MiB RSS"
+        if "peak_cuda_mib" in row:
+            memory += f", {row['peak_cuda_mib']:.0f} MiB CUDA"
+        lines.append(memory)
     lines.append(f"  peak memory of the stage process: {stages['peak_rss_mib']:.0f} MiB")
     if e2e:
         lines.append("End to end (submit -> published MP4, embedded runtime)")

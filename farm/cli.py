@@ -71,6 +71,22 @@ def main() -> None:
     """
 
 
+def _output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--fps, --size and --chunk-frames, shared by `submit` and `batch submit`."""
+    fn = click.option(
+        "--chunk-frames",
+        type=int,
+        default=None,
+        help="Frames per render chunk [env FARM_CHUNK_FRAMES; 100].",
+    )(fn)
+    fn = click.option("--size", default=None, help="Output size, N or WxH [env FARM_SIZE; 512].")(
+        fn
+    )
+    return click.option(
+        "--fps", type=int, default=None, help="Frames per second [env FARM_FPS; 25]."
+    )(fn)
+
+
 # --- submit -----------------------------------------------------------------
 
 
@@ -99,14 +115,7 @@ def _read_script(source: str, settings: Settings) -> str:
 @click.option(
     "--voice", default="joe", show_default=True, help=f"TTS voice: {', '.join(jobs.VOICES)}."
 )
-@click.option("--fps", type=int, default=None, help="Frames per second [env FARM_FPS; 25].")
-@click.option("--size", default=None, help="Output size, N or WxH [env FARM_SIZE; 512].")
-@click.option(
-    "--chunk-frames",
-    type=int,
-    default=None,
-    help="Frames per render chunk [env FARM_CHUNK_FRAMES; 100].",
-)
+@_output_options
 @click.option("--seed", type=int, default=None, help="Motion seed (random when unset).")
 @click.option("--wait", is_flag=True, help="Show progress and wait for the video.")
 @click.option(
@@ -513,14 +522,7 @@ def batch() -> None:
     help="batch.completed goes here, and job events of rows that name no webhook "
     "[default: env FARM_WEBHOOK_URL].",
 )
-@click.option("--fps", type=int, default=None, help="Frames per second [env FARM_FPS; 25].")
-@click.option("--size", default=None, help="Output size, N or WxH [env FARM_SIZE; 512].")
-@click.option(
-    "--chunk-frames",
-    type=int,
-    default=None,
-    help="Frames per render chunk [env FARM_CHUNK_FRAMES; 100].",
-)
+@_output_options
 @click.option("--seed", type=int, default=None, help="Motion seed (default: from each row).")
 @fail_cleanly
 def batch_submit(

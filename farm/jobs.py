@@ -44,11 +44,18 @@ def check_avatar_name(name: str) -> str:
     return name
 
 
+PHOTO_SIZE = (0, 0)  # "the avatar's whole photo": resolved when the job is planned
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """'512' or '640x360' to (width, height); H.264 4:2:0 needs even sides."""
+    """'512', '640x360' or 'photo' to (width, height); H.264 4:2:0 needs even sides."""
+    if text.strip().lower() == "photo":
+        return PHOTO_SIZE
     m = re.fullmatch(r"(\d{1,4})(?:x(\d{1,4}))?", text.strip())
     if not m:
-        raise InvalidInput(f"invalid size {text!r}: use N or WxH, for example 512 or 1280x720")
+        raise InvalidInput(
+            f"invalid size {text!r}: use N, WxH or photo, for example 512 or 1280x720"
+        )
     w = int(m.group(1))
     h = int(m.group(2) or w)
     if not (64 <= w <= 1920 and 64 <= h <= 1920) or w % 2 or h % 2:

@@ -7,6 +7,7 @@ IDR frame, so chunks from different workers join by stream copy without seams.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -33,6 +34,51 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def pick_codec(encoders: str, gpu: bool) -> str:
+    """h264_nvenc when there is a GPU and this ffmpeg lists it (`ffmpeg -encoders`
+    text), else libx264. Pure, so it is testable without either."""
+    if gpu and re.search(r"^\s*V\S*\s+h264_nvenc\b", encoders, re.MULTILINE):
+        return "h264_nvenc"
+    return "libx264"
+
+
+@cache
+def ffmpeg_encoders() -> str:
+    """`ffmpeg -encoders` of the ffmpeg at hand, asked once per process; "" on failure
+    (then libx264, which every build here has)."""
+    try:
+        proc = subprocess.run(
+            [ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else ""
+
+
+@cache
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process may use, without importing torch (farm/ never does):
+    CUDA_VISIBLE_DEVICES set to nothing hides them all; else nvidia-smi must list one."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        proc = subprocess.run([smi, "-L"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0 and b"GPU " in proc.stdout
+
+
+def default_codec() -> str:
+    """The codec for this machine (both checks are cached per process; ffmpeg is not
+    asked at all without a GPU)."""
+    gpu = gpu_present()
+    return pick_codec(ffmpeg_encoders() if gpu else "", gpu)
+
+
 @dataclass(frozen=True)
 class VideoFormat:
     width: int
@@ -41,6 +87,13 @@ class VideoFormat:
     codec: str = "libx264"
     crf: int = 20
     preset: str = "veryfast"
+
+    @classmethod
+    def for_output(cls, width: int, height: int, fps: int) -> VideoFormat:
+        """The format for this machine: h264_nvenc where a GPU and the encoder are there.
+        The plain constructor stays libx264, so output never depends on the host unasked.
+        """
+        return cls(width, height, fps, codec=default_codec())
 
     def codec_options(self, gop: int) -> dict[str, Any]:
         common: dict[str, Any] = {"vcodec": self.codec, "pix_fmt": "yuv420p", "g": gop, "bf": 0}

@@ -48,9 +48,15 @@ def get_job(session: Session, job_id: str) -> Job:
 
 def find_job_by_prefix(session: Session, prefix: str) -> Job:
     """Jobs may be named by a unique prefix of their id, as with git commits."""
-    rows = session.scalars(select(Job).where(Job.id.startswith(prefix)).limit(2)).all()
+    return _by_prefix(session, Job, prefix, "job")
+
+
+def _by_prefix(session: Session, model: Any, prefix: str, what: str) -> Any:
+    rows = session.scalars(select(model).where(model.id.startswith(prefix)).limit(2)).all()
     if len(rows) != 1:
-        raise NotFound(f"no job {prefix!r}" if not rows else f"job id {prefix!r} is ambiguous")
+        raise NotFound(
+            f"no {what} {prefix!r}" if not rows else f"{what} id {prefix!r} is ambiguous"
+        )
     return rows[0]
 
 
@@ -293,13 +299,7 @@ def get_delivery(session: Session, delivery_id: str) -> WebhookDelivery:
 
 
 def find_delivery_by_prefix(session: Session, prefix: str) -> WebhookDelivery:
-    rows = session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.id.startswith(prefix)).limit(2)
-    ).all()
-    if len(rows) != 1:
-        what = "is ambiguous" if rows else "does not exist"
-        raise NotFound(f"webhook delivery {prefix!r} {what}")
-    return rows[0]
+    return _by_prefix(session, WebhookDelivery, prefix, "webhook delivery")
 
 
 def list_deliveries(

@@ -115,6 +115,10 @@ def plan(ctx: Context, job_id: str) -> list[tuple[int, int]]:
 
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
+    if size == jobs.PHOTO_SIZE:
+        size = getattr(avatar, "photo_size", None)
+        if size is None:
+            raise InvalidInput(f"the {renderer_name} renderer has no whole-photo output")
     motion = renderer.plan(avatar, seconds, phones, fps, size, seed)
     if motion.frame_count != math.ceil(seconds * fps):
         raise InvalidInput(f"plan has {motion.frame_count} frames for {seconds:.3f} s")
@@ -124,6 +128,7 @@ def plan(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         job = queries.get_job(s, job_id)
         job.audio_seconds = seconds
         job.frame_count = motion.frame_count
+        job.width, job.height = motion.width, motion.height
         job.chunks_total = queries.insert_chunks(s, job_id, ranges)
         queries.record_timing(s, job_id, "plan", time.perf_counter() - started)
         if not queries.transition(s, job_id, states.RENDERING):

@@ -9,22 +9,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from farm.errors import PermanentError
 from models.base import FrameSink, Phone, Plan, RenderStats
 
-from .avatar import PortraitAvatar, prepare_avatar
+from .avatar import CROP_SIZE, PortraitAvatar, prepare_avatar
 from .export import TensorRTBackend, backend_choice
 from .net import PortraitNet
 from .render import build_rig
 
 log = logging.getLogger(__name__)
 
+# Width of the paste-back's blend ramp, as a fraction of the crop's side.
+FEATHER = 0.05
+# The largest crop rendered at full size in full-photo output; see PasteBack.of.
+MAX_NET_SIZE = 1024
+
 
 class PortraitRenderer:
     """Warps the avatar photo per frame by the plan's motion track.
 
-    Output is plan.width x plan.height. The avatar is square, so a non-square size
-    is letterboxed: the face renders at min(width, height) pixels, centred on black.
+    Output is plan.width x plan.height. A plan of the avatar's `photo_size` renders
+    the whole photo, the animated crop pasted back with a feathered border; 512x512
+    is always the face crop (also for a photo of exactly that size). Any other size is
+    letterboxed: the face renders at min(width, height) pixels, centred on black.
     """
 
     name = "portrait"
@@ -75,12 +84,19 @@ class PortraitRenderer:
         if frames.step != 1 or frames.start < 0 or frames.stop > plan.frame_count:
             raise ValueError(f"frames {frames} are not a range inside 0..{plan.frame_count}")
         started = time.perf_counter()
-        network = self.network(avatar, min(plan.width, plan.height))
         track = torch.from_numpy(np.ascontiguousarray(plan.track, dtype=np.float32))
-        for start in range(frames.start, frames.stop, self.batch_size):
-            rows = track[start : min(start + self.batch_size, frames.stop)]
-            square = network(rows.to(self.device)).cpu().numpy()
-            sink.write(_letterbox(square, plan.width, plan.height))
+        if self.full_photo(avatar, plan.width, plan.height):
+            paste = self.paste_back(avatar)
+            network = self.network(avatar, paste.net_size)
+            for start in range(frames.start, frames.stop, self.batch_size):
+                rows = track[start : min(start + self.batch_size, frames.stop)]
+                sink.write(paste(network(rows.to(self.device))).cpu().numpy())
+        else:
+            network = self.network(avatar, min(plan.width, plan.height))
+            for start in range(frames.start, frames.stop, self.batch_size):
+                rows = track[start : min(start + self.batch_size, frames.stop)]
+                square = network(rows.to(self.device)).cpu().numpy()
+                sink.write(_letterbox(square, plan.width, plan.height))
         seconds = time.perf_counter() - started
         return RenderStats(frames=len(frames), seconds=seconds, device=str(self.device))
 
@@ -100,12 +116,90 @@ class PortraitRenderer:
                 avatar.cache[key] = self.rig(avatar, size)
         return avatar.cache[key]
 
+    @staticmethod
+    def full_photo(avatar: PortraitAvatar, width: int, height: int) -> bool:
+        if avatar.photo is None or (width, height) == (CROP_SIZE, CROP_SIZE):
+            return False
+        return (width, height) == avatar.photo_size
+
+    def paste_back(self, avatar: PortraitAvatar) -> PasteBack:
+        key = ("paste", str(self.device))
+        if key not in avatar.cache:
+            avatar.cache[key] = PasteBack.of(avatar, self.device)
+        return avatar.cache[key]
+
     def rig(self, avatar: PortraitAvatar, size: int) -> PortraitNet:
         """The avatar's precomputed tensors for this size and device, built once."""
         key = (size, str(self.device), self.dtype)
         if key not in avatar.cache:
             avatar.cache[key] = build_rig(avatar, size, self.device, self.dtype)
         return avatar.cache[key]
+
+
+class PasteBack:
+    """Full-photo frames: the rendered crop blended into the photo over its square.
+
+    The blend weight ramps from 0 at the crop's border to 1 at FEATHER of its side
+    inside (smoothstep, so its slope is 0 at both ends and no edge is visible); the
+    crop's border shows the photo itself, which is what the crop's still margin
+    resamples anyway. Elementwise per frame, so frames stay independent of batching.
+    """
+
+    def __init__(
+        self,
+        photo: torch.Tensor,
+        alpha: torch.Tensor,
+        net_size: int,
+        side: int,
+        crop: tuple[slice, slice],
+        target: tuple[slice, slice],
+    ) -> None:
+        self.photo = photo  # (H, W, 3) uint8 on the device
+        self.alpha = alpha  # (h, w, 1) float32: the blend weight over `target`
+        self.net_size = net_size
+        self.side = side
+        self.crop = crop  # rows, columns of the (side x side) crop that lie in the photo
+        self.target = target  # where those land in the photo
+
+    @classmethod
+    def of(cls, avatar: PortraitAvatar, device: torch.device) -> PasteBack:
+        assert avatar.photo is not None and avatar.crop_box is not None
+        x0, y0, side = avatar.crop_box
+        height, width = avatar.photo.shape[:2]
+        cols = slice(max(0, -x0), min(side, width - x0))
+        rows = slice(max(0, -y0), min(side, height - y0))
+        if cols.stop <= cols.start or rows.stop <= rows.start:
+            raise PermanentError("the avatar's face crop lies outside its photo; add it again")
+        ramp = max(FEATHER * side, 1.0)
+        centres = torch.arange(side, dtype=torch.float32) + 0.5
+        edge = torch.minimum(centres, side - centres)  # distance to the nearer border
+        t = (edge / ramp).clamp(0, 1)
+        weight = t * t * (3 - 2 * t)
+        alpha = torch.minimum(weight[:, None], weight[None, :])[rows, cols, None]
+        target = (slice(y0 + rows.start, y0 + rows.stop), slice(x0 + cols.start, x0 + cols.stop))
+        photo = torch.from_numpy(avatar.photo).to(device)
+        # A huge crop (a face filling a large photo) renders at MAX_NET_SIZE and is
+        # upsampled: the crop holds only 512 pixels of detail, and the fields' memory
+        # grows with the square of the size.
+        net_size = min(side, MAX_NET_SIZE)
+        return cls(photo, alpha.to(device), net_size, side, (rows, cols), target)
+
+    def __call__(self, squares: torch.Tensor) -> torch.Tensor:
+        """(N, S, S, 3) uint8 rendered crops -> (N, H, W, 3) uint8 full photos."""
+        crop = squares.float()
+        if squares.shape[1] != self.side:
+            crop = F.interpolate(
+                crop.permute(0, 3, 1, 2),
+                size=(self.side, self.side),
+                mode="bilinear",
+                align_corners=False,
+            ).permute(0, 2, 3, 1)
+        crop = crop[:, self.crop[0], self.crop[1]]
+        under = self.photo[self.target].float()
+        blended = torch.lerp(under.expand_as(crop), crop, self.alpha)
+        out = self.photo.expand(squares.shape[0], -1, -1, -1).clone()
+        out[:, self.target[0], self.target[1]] = blended.round_().clamp_(0, 255).to(torch.uint8)
+        return out
 
 
 def _letterbox(square: np.ndarray, width: int, height: int) -> np.ndarray:

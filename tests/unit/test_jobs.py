@@ -41,3 +41,9 @@ def test_settings_from_env_and_dotenv(tmp_path):
     assert s.effective_database_url == f"sqlite:///{tmp_path / 'farm.db'}"
     with pytest.raises(Exception, match="FARM_FPS"):
         Settings.from_env({"FARM_FPS": "fast"}, dotenv=tmp_path / "none")
+
+
+def test_photo_size_is_resolved_later():
+    from farm.jobs import PHOTO_SIZE
+
+    assert parse_size("photo") == PHOTO_SIZE == (0, 0)

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from farm.media import VideoFormat, concat_list, encode_argv, mux_argv
+from farm.media import VideoFormat, concat_list, encode_argv, mux_argv, pick_codec
 
 
 def _opt(argv, name):
@@ -46,3 +46,43 @@ def test_concat_list_escapes_quotes(tmp_path):
         text
         == f"file '{str(p.resolve()).replace(chr(39), chr(39) + chr(92) + chr(39) + chr(39))}'\n"
     )
+
+
+ENCODERS = """Encoders:
+ V..... = Video
+ ------
+ V....D libx264              libx264 H.264 / AVC / MPEG-4 AVC / MPEG-4 part 10 (codec h264)
+ V....D h264_nvenc           NVIDIA NVENC H.264 encoder (codec h264)
+ A....D aac                  AAC (Advanced Audio Coding)
+"""
+
+
+def test_pick_codec_uses_nvenc_only_with_a_gpu_and_the_encoder():
+    assert pick_codec(ENCODERS, gpu=True) == "h264_nvenc"
+    assert pick_codec(ENCODERS, gpu=False) == "libx264"
+    without = "\n".join(ln for ln in ENCODERS.splitlines() if "nvenc" not in ln)
+    assert pick_codec(without, gpu=True) == "libx264"
+    assert pick_codec("", gpu=True) == "libx264"
+    # hevc_nvenc, or the name in a description, is not h264_nvenc
+    other = " V....D hevc_nvenc   NVIDIA NVENC hevc encoder, not h264_nvenc (codec hevc)\n"
+    assert pick_codec(other, gpu=True) == "libx264"
+
+
+def test_for_output_takes_the_machines_codec(monkeypatch):
+    import farm.media as media
+
+    monkeypatch.setattr(media, "default_codec", lambda: "h264_nvenc")
+    fmt = VideoFormat.for_output(1280, 720, 25)
+    assert (fmt.width, fmt.height, fmt.fps, fmt.codec) == (1280, 720, 25, "h264_nvenc")
+    assert VideoFormat(64, 64, 25).codec == "libx264"  # the constructor never guesses
+
+
+def test_hidden_gpus_mean_no_gpu(monkeypatch):
+    import farm.media as media
+
+    media.gpu_present.cache_clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    try:
+        assert media.gpu_present() is False
+    finally:
+        media.gpu_present.cache_clear()
