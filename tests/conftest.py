@@ -15,6 +15,20 @@ from farm.context import Context
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def job_rows(home: Path) -> int:
+    """Job rows in an embedded default's SQLite database (0 if it was never made)."""
+    import sqlalchemy as sa
+
+    db = home / "farm.db"
+    if not db.exists():
+        return 0
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        n = conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() or 0
+    engine.dispose()
+    return n
+
+
 def need_service(ok: bool, what: str) -> None:
     if ok:
         return

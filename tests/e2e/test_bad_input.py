@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
 
 from farm.cli import main
+from tests.conftest import job_rows
 
 
 @pytest.fixture
@@ -21,17 +21,6 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_MAX_SCRIPT_CHARS", "500")
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def _job_rows(home: Path) -> int:
-    db = home / "farm.db"
-    if not db.exists():
-        return 0
-    engine = sa.create_engine(f"sqlite:///{db}")
-    with engine.connect() as conn:
-        n = conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar()
-    engine.dispose()
-    return n
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -63,7 +52,7 @@ def test_bad_submissions(env, label, data, extra, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("farm: error:"), result.stderr
     assert message in lines[0]
-    assert _job_rows(env / "home") == 0
+    assert job_rows(env / "home") == 0
 
 
 def test_missing_script_file(env):

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
 
 from farm import audio as audio_input
 from farm import jobs
 from farm.cli import main
 from farm.media import ffmpeg_exe
+from tests.conftest import job_rows
 from tests.probe import probe
 
 FIRST = "Bob bought a big blue balloon."
@@ -143,17 +143,6 @@ def test_audio_job_end_to_end(recording, tmp_path):
 # --- bad audio ---------------------------------------------------------------
 
 
-def _job_rows(home: Path) -> int:
-    db = home / "farm.db"
-    if not db.exists():
-        return 0
-    engine = sa.create_engine(f"sqlite:///{db}")
-    with engine.connect() as conn:
-        n = conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar()
-    engine.dispose()
-    return n
-
-
 def _wav(path: Path, samples: np.ndarray, rate: int = 22050) -> Path:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -195,7 +184,7 @@ def test_bad_audio_is_refused(tmp_path, monkeypatch, label, make, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("farm: error:"), result.stderr
     assert message in lines[0]
-    assert _job_rows(home) == 0
+    assert job_rows(home) == 0
 
 
 @pytest.mark.parametrize("args", [[], ["s.txt", "--audio", "a.wav"]])
@@ -207,7 +196,7 @@ def test_script_or_audio_exactly_one(tmp_path, monkeypatch, args):
     result = CliRunner().invoke(main, ["submit", *args])
     assert result.exit_code == 1
     assert "exactly one of SCRIPT or --audio" in result.stderr
-    assert _job_rows(tmp_path / "home") == 0
+    assert job_rows(tmp_path / "home") == 0
 
 
 def test_audio_checks_are_pure():
