@@ -342,6 +342,18 @@ def _batch_job_ended(ctx: Context, job_id: str) -> None:
             click.echo(f"batch completed; report at {ctx.store.url(done.report_key)}")
 
 
+@main.command()
+@click.argument("job_id", metavar="JOB")
+@fail_cleanly
+def retry(job_id: str) -> None:
+    """Re-run a failed job from where it failed: only its unfinished chunks (or stage)."""
+    ctx = make_context()
+    job, stage, items = jobs.retry(ctx, job_id)
+    _celery().resume(job.id, stage, items)
+    what = f"{len(items)} {stage} task(s)" if items else stage
+    click.echo(f"retrying {job.id}: {what}")
+
+
 # --- avatars ----------------------------------------------------------------
 
 

@@ -231,6 +231,33 @@ def cancel(ctx: Context, job_id_or_prefix: str) -> Job:
     return job
 
 
+def retry(ctx: Context, job_id_or_prefix: str) -> tuple[Job, str, list[tuple[int, ...]]]:
+    """Reopen a failed job at the stage it failed in, keeping everything it finished:
+    returns (job, stage, unfinished members) for the caller to queue."""
+    with ctx.session() as s:
+        job = queries.find_job_by_prefix(s, job_id_or_prefix)
+        if job.state != states.FAILED:
+            raise InvalidInput(f"job {job.id} is {job.state}; only failed jobs can be retried")
+        chunks = queries.get_chunks(s, job.id)
+        segments = queries.get_segments(s, job.id)
+        if chunks and any(c.state != "done" for c in chunks):
+            target, stage = states.RENDERING, "render"
+            items = [(c.idx, c.start_frame, c.stop_frame) for c in chunks if c.state != "done"]
+            queries.reset_failed_chunks(s, job.id)
+        elif chunks:
+            target, stage, items = states.MUXING, "mux", []
+        elif segments and all(seg.state == "done" for seg in segments):
+            target, stage, items = states.PLANNING, "plan", []
+        elif segments:
+            target, stage = states.SPEAKING, "tts"
+            items = [(seg.idx,) for seg in segments if seg.state != "done"]
+        else:
+            target, stage, items = states.QUEUED, "prepare", []
+        if not queries.reopen_job(s, job.id, target):
+            raise InvalidInput(f"job {job.id} changed while it was being retried")
+    return job, stage, items
+
+
 def is_active(ctx: Context, job_id: str) -> bool:
     with ctx.session() as s:
         return queries.job_state(s, job_id) in states.ACTIVE

@@ -87,6 +87,24 @@ def transition(session: Session, job_id: str, target: str, **values: Any) -> boo
     return result.rowcount == 1
 
 
+def reopen_job(session: Session, job_id: str, target: str) -> bool:
+    """The one way out of `failed`: `farm retry` puts the job back in a stage."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == states.FAILED)
+        .values(state=target, error=None, finished_at=None, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def reset_failed_chunks(session: Session, job_id: str) -> None:
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.state.in_(("failed", "running", "cancelled")))
+        .values(state="pending", error=None)
+    )
+
+
 def record_timing(session: Session, job_id: str, stage: str, seconds: float) -> None:
     job = get_job(session, job_id)
     job.timings = {**(job.timings or {}), stage: round(seconds, 3)}

@@ -2,7 +2,8 @@
 farm's own overhead per chunk. Each frame is a flat grey whose level encodes the
 frame index, so a test can still check that every frame arrived, once, in order.
 
-FARM_NULL_FRAME_MS makes each frame take that long (a stand-in for GPU time)."""
+FARM_NULL_FRAME_MS makes each frame take that long (a stand-in for GPU time);
+FARM_NULL_FAIL_FRAME=N makes rendering frame N raise, every time (a renderer bug)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class NullRenderer:
     def __init__(self, batch_size: int = 16) -> None:
         self.batch_size = batch_size
         self.frame_seconds = float(os.environ.get("FARM_NULL_FRAME_MS", "0")) / 1000
+        fail = os.environ.get("FARM_NULL_FAIL_FRAME", "")
+        self.fail_frame = int(fail) if fail else None
 
     def load(self, model_dir: Path, device: str) -> None:
         self.device = "cpu"
@@ -63,6 +66,8 @@ class NullRenderer:
         started = time.perf_counter()
         for start in range(frames.start, frames.stop, self.batch_size):
             idx = range(start, min(start + self.batch_size, frames.stop))
+            if self.fail_frame is not None and self.fail_frame in idx:
+                raise RuntimeError(f"injected renderer error at frame {self.fail_frame}")
             if self.frame_seconds:
                 time.sleep(self.frame_seconds * len(idx))
             levels = np.array([frame_level(i) for i in idx], np.uint8)

@@ -137,7 +137,16 @@ def plan(job_id: str) -> int:
     return len(ranges)
 
 
-@app.task(name="farm.render", base=FarmTask, bind=True)
+# A renderer error may be transient (GPU memory, a driver hiccup): retried like an
+# outage, then the chunk and the job fail. Permanent errors and cancels are not retried.
+@app.task(
+    name="farm.render",
+    base=FarmTask,
+    bind=True,
+    autoretry_for=(Exception,),
+    dont_autoretry_for=(PermanentError, Cancelled),
+    retry_backoff=1,
+)
 def render(self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0) -> bool:
     from models import stages
 
@@ -145,6 +154,19 @@ def render(self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0) -> 
     if last:
         enqueue("farm.mux", job_id, bulk=_bulk(job_id))
     return last
+
+
+def resume(job_id: str, stage: str, items: list[tuple[int, ...]]) -> None:
+    """Queue what `farm retry` reopened: the unfinished members of one stage."""
+    bulk = _bulk(job_id)
+    if stage == "render":
+        for idx, start, stop in items:
+            enqueue("farm.render", job_id, idx, start, stop, idx=idx, bulk=bulk)
+    elif stage == "tts":
+        for (idx,) in items:
+            enqueue("farm.tts", job_id, idx, idx=idx, bulk=bulk)
+    else:
+        enqueue(f"farm.{stage}", job_id, bulk=bulk)
 
 
 @app.task(name="farm.mux", base=FarmTask)

@@ -211,3 +211,103 @@ def _utc(ts: float):
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC)
+
+
+def _job_state(url: str, job_id: str) -> tuple[str, str | None]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT state, error FROM jobs WHERE id = :j"), {"j": job_id}
+        ).one()
+    engine.dispose()
+    return row[0], row[1]
+
+
+def _wait_final(url: str, job_id: str, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state, _ = _job_state(url, job_id)
+        if state in ("succeeded", "failed", "cancelled"):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+def test_a_chunk_that_always_fails_fails_its_job_only_and_retry_redoes_only_it(farm_env, tmp_path):
+    env = {**farm_env, "FARM_NULL_FRAME_MS": "0", "FARM_TASK_MAX_RETRIES": "2"}
+    url = env["FARM_DATABASE_URL"]
+    workers = Workers(env, tmp_path)
+    workers.start("cpu", "cpu", concurrency=2)
+    # The render worker's renderer fails on frame 60 of any job, every time.
+    workers.start("render1", "render", FARM_NULL_FAIL_FRAME="60")
+
+    def submit(text: bytes) -> str:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "farm",
+                "submit",
+                "-",
+                "--voice",
+                "espeak",
+                "--size",
+                "64",
+                "--chunk-frames",
+                "25",
+            ],
+            input=text,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode().strip()
+
+    try:
+        workers.wait_ready()
+        doomed = submit(b"This job is long enough to reach frame sixty, where it breaks.")
+        other = submit(b"Hi.")  # fewer than 60 frames: unaffected
+        assert _wait_final(url, doomed) == "failed"
+        assert _wait_final(url, other) == "succeeded"
+        status = subprocess.run(
+            [sys.executable, "-m", "farm", "status", doomed],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert "render: chunk 2: RuntimeError: injected renderer error at frame 60" in status
+        assert "chunk 2 failed on render1@" in status
+        before = _attempts(url, doomed)
+        assert before[2] == 3  # the first try and two retries
+
+        # The cause is fixed (a worker without the fault); retry re-runs only chunk 2.
+        workers.stop()
+        workers.procs.clear()
+        workers.start("cpu", "cpu", concurrency=2)
+        workers.start("render2", "render")
+        workers.wait_ready()
+        retried = subprocess.run(
+            [sys.executable, "-m", "farm", "retry", doomed[:10]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert retried.returncode == 0, retried.stderr
+        assert "1 render task(s)" in retried.stdout
+        assert _wait_final(url, doomed) == "succeeded"
+        again = subprocess.run(
+            [sys.executable, "-m", "farm", "retry", doomed],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode == 1 and "only failed jobs" in again.stderr
+    finally:
+        workers.stop()
+    after = _attempts(url, doomed)
+    assert after[2] == 4
+    assert {i: n for i, n in after.items() if i != 2} == {i: n for i, n in before.items() if i != 2}
