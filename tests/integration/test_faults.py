@@ -311,3 +311,120 @@ def test_a_chunk_that_always_fails_fails_its_job_only_and_retry_redoes_only_it(f
     after = _attempts(url, doomed)
     assert after[2] == 4
     assert {i: n for i, n in after.items() if i != 2} == {i: n for i, n in before.items() if i != 2}
+
+
+def _snapshot(url: str, home: Path, job_id: str) -> dict:
+    import hashlib
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = {
+            table: conn.execute(
+                sa.text(f"SELECT * FROM {table} WHERE job_id = :j ORDER BY 1"), {"j": job_id}
+            ).all()
+            for table in ("segments", "chunks", "webhook_deliveries")
+        }
+        rows["attempts"] = conn.execute(
+            sa.text(
+                "SELECT a.* FROM webhook_attempts a JOIN webhook_deliveries d "
+                "ON d.id = a.delivery_id WHERE d.job_id = :j ORDER BY a.id"
+            ),
+            {"j": job_id},
+        ).all()
+        rows["job"] = conn.execute(
+            sa.text("SELECT state, output_key, finished_at FROM jobs WHERE id = :j"), {"j": job_id}
+        ).all()
+    engine.dispose()
+    root = home / "artifacts" / "jobs" / job_id
+    rows["files"] = sorted(
+        (str(p.relative_to(root)), hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in root.rglob("*")
+        if p.is_file()
+    )
+    return rows
+
+
+def test_every_task_delivered_twice_changes_nothing_twice(farm_env, tmp_path):
+    from farm.config import Settings
+    from farm.webhooks import new_secret
+    from tests.webhook_receiver import Receiver
+    from workers.app import make_app
+
+    secret = new_secret()
+    env = {
+        **farm_env,
+        "FARM_NULL_FRAME_MS": "0",
+        "FARM_WEBHOOK_SECRET": secret,
+        "FARM_WEBHOOK_ALLOWLIST": "127.0.0.1",
+    }
+    url, home = env["FARM_DATABASE_URL"], Path(env["FARM_HOME"])
+    workers = Workers(env, tmp_path)
+    workers.start("cpu", "cpu", concurrency=2)
+    workers.start("render1", "render")
+    app = make_app(Settings.from_env(env))
+    with Receiver(secret) as receiver:
+        try:
+            workers.wait_ready()
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "farm",
+                    "submit",
+                    "-",
+                    "--voice",
+                    "espeak",
+                    "--size",
+                    "64",
+                    "--chunk-frames",
+                    "20",
+                    "--webhook",
+                    receiver.url,
+                    "--wait",
+                ],
+                input=b"Deliver every task twice. Nothing may happen twice.",
+                env=env,
+                capture_output=True,
+                timeout=180,
+            )
+            assert proc.returncode == 0, proc.stderr.decode()
+            job_id = proc.stdout.decode().split()[0]
+            receiver.wait_for(1, timeout=60)
+            before = _snapshot(url, home, job_id)
+            assert before["files"] and len(before["chunks"]) > 2
+
+            # Every task of the graph again, as a broker redelivery would hand it over.
+            send = app.send_task
+            send("farm.prepare", args=(job_id,))
+            for seg in before["segments"]:
+                send("farm.tts", args=(job_id, seg.idx))
+            send("farm.plan", args=(job_id,))
+            for chunk in before["chunks"]:
+                send("farm.render", args=(job_id, chunk.idx, chunk.start_frame, chunk.stop_frame))
+            send("farm.mux", args=(job_id,))
+            send("farm.publish", args=(job_id,))
+            for delivery in before["webhook_deliveries"]:
+                send("farm.notify", args=(delivery.id, 1))
+            _drained(app, env["FARM_BROKER_URL"])
+            after = _snapshot(url, home, job_id)
+        finally:
+            workers.stop()
+            app.close()
+    assert after == before
+    assert len(receiver.received) == 1
+
+
+def _drained(app, broker_url: str, timeout: float = 60) -> None:
+    """Every queued task was taken and none is running: the duplicates really ran."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = sum(client.llen(q) for q in ("cpu", "render", "cpu_bulk", "render_bulk"))
+        inspect = app.control.inspect(timeout=1.0)
+        busy = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+        if queued == 0 and not any(busy):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the duplicated tasks did not all run")
