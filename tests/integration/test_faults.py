@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import sqlalchemy as sa
 from farm import migrate
 from tests.conftest import need_service
 from tests.probe import probe
-from tests.services import Workers, fresh_redis_db, redis_up
+from tests.services import Workers, farm_argv, fresh_redis_db, redis_up
 
 SCRIPT = b"A render worker dies in the middle of this chunk. Another one finishes the job."
 
@@ -61,7 +60,7 @@ def _submit(env: dict[str, str], out: Path, wait: bool = True) -> subprocess.Pop
     if wait:
         args += ["--wait", "--output", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "farm", *args],
+        farm_argv(*args),
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -161,7 +160,7 @@ def test_cancel_while_rendering_stops_everything_and_cleans_up(farm_env, tmp_pat
         _running_chunk(url)
         cancelled_at = time.time()
         cancel = subprocess.run(
-            [sys.executable, "-m", "farm", "cancel", job_id],
+            farm_argv("cancel", job_id),
             env=env,
             capture_output=True,
             timeout=60,
@@ -243,19 +242,7 @@ def test_a_chunk_that_always_fails_fails_its_job_only_and_retry_redoes_only_it(f
 
     def submit(text: bytes) -> str:
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "farm",
-                "submit",
-                "-",
-                "--voice",
-                "espeak",
-                "--size",
-                "64",
-                "--chunk-frames",
-                "25",
-            ],
+            farm_argv("submit", "-", "--voice", "espeak", "--size", "64", "--chunk-frames", "25"),
             input=text,
             env=env,
             capture_output=True,
@@ -271,7 +258,7 @@ def test_a_chunk_that_always_fails_fails_its_job_only_and_retry_redoes_only_it(f
         assert _wait_final(url, doomed) == "failed"
         assert _wait_final(url, other) == "succeeded"
         status = subprocess.run(
-            [sys.executable, "-m", "farm", "status", doomed],
+            farm_argv("status", doomed),
             env=env,
             capture_output=True,
             text=True,
@@ -289,7 +276,7 @@ def test_a_chunk_that_always_fails_fails_its_job_only_and_retry_redoes_only_it(f
         workers.start("render2", "render")
         workers.wait_ready()
         retried = subprocess.run(
-            [sys.executable, "-m", "farm", "retry", doomed[:10]],
+            farm_argv("retry", doomed[:10]),
             env=env,
             capture_output=True,
             text=True,
@@ -299,7 +286,7 @@ def test_a_chunk_that_always_fails_fails_its_job_only_and_retry_redoes_only_it(f
         assert "1 render task(s)" in retried.stdout
         assert _wait_final(url, doomed) == "succeeded"
         again = subprocess.run(
-            [sys.executable, "-m", "farm", "retry", doomed],
+            farm_argv("retry", doomed),
             env=env,
             capture_output=True,
             text=True,
@@ -366,10 +353,7 @@ def test_every_task_delivered_twice_changes_nothing_twice(farm_env, tmp_path):
         try:
             workers.wait_ready()
             proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "farm",
+                farm_argv(
                     "submit",
                     "-",
                     "--voice",
@@ -381,7 +365,7 @@ def test_every_task_delivered_twice_changes_nothing_twice(farm_env, tmp_path):
                     "--webhook",
                     receiver.url,
                     "--wait",
-                ],
+                ),
                 input=b"Deliver every task twice. Nothing may happen twice.",
                 env=env,
                 capture_output=True,
