@@ -22,7 +22,7 @@ from farm import queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
 from farm.errors import InvalidInput, PermanentError
-from farm.media import concat_list, count_frames, ffmpeg_exe, mux_argv, run_ffmpeg
+from farm.media import VideoFormat, count_frames, join_and_encode
 from farm.script import split_script
 from farm.store import chunk_key, job_key
 
@@ -264,13 +264,15 @@ def is_active(ctx: Context, job_id: str) -> bool:
 
 
 def mux(ctx: Context, job_id: str) -> None:
-    """Join the chunks by stream copy, add the audio, check the frame count, store."""
+    """Decode the chunks in order and encode the video once with the audio (no seams
+    at chunk joins: farm/media.py), check the frame count against the plan, store."""
     started = time.perf_counter()
     with ctx.session() as s:
         job = queries.get_job(s, job_id)
         if job.state != states.MUXING:
             return
         expected, n_chunks = job.frame_count, job.chunks_total
+        fmt = VideoFormat.delivery(job.width, job.height, job.fps)
         final = job.target_key or job_key(job_id, "final.mp4")
     with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
         work = Path(tmp)
@@ -278,9 +280,8 @@ def mux(ctx: Context, job_id: str) -> None:
             ctx.store.get_file(chunk_key(job_id, i), work / f"{i:05d}.mp4") for i in range(n_chunks)
         ]
         audio = ctx.store.get_file(job_key(job_id, "audio.wav"), work / "audio.wav")
-        (work / "list.txt").write_text(concat_list(parts), encoding="utf-8")
         out = work / "final.mp4"
-        run_ffmpeg(mux_argv(ffmpeg_exe(), work / "list.txt", audio, out))
+        join_and_encode(parts, audio, out, fmt)
         frames = count_frames(out)
         if frames != expected:
             raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")

@@ -1,8 +1,12 @@
 """ffmpeg: argv built by pure functions (testable without ffmpeg), run by one function
 that keeps stderr for the error message.
 
-Every chunk is encoded with identical settings and a closed GOP that starts on an
-IDR frame, so chunks from different workers join by stream copy without seams.
+Two encodes, as distributed encoders do it. Render workers encode each chunk as a
+lossless intermediate (VideoFormat.chunk): a closed GOP of its own, so any worker can
+make any chunk. The mux stage decodes the chunks in order into one pipe and encodes
+the delivered video once (VideoFormat.delivery, `join_and_encode`). Joining lossy
+chunks by stream copy left a seam at every chunk start: each opened on an IDR frame
+that re-coded the photo's texture, about one grey level of flicker per join.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -81,6 +86,8 @@ def default_codec() -> str:
 
 @dataclass(frozen=True)
 class VideoFormat:
+    """How one video stream is encoded. crf 0 means lossless (an intermediate)."""
+
     width: int
     height: int
     fps: int
@@ -89,24 +96,38 @@ class VideoFormat:
     preset: str = "veryfast"
 
     @classmethod
-    def for_output(cls, width: int, height: int, fps: int) -> VideoFormat:
-        """The format for this machine: h264_nvenc where a GPU and the encoder are there.
-        The plain constructor stays libx264, so output never depends on the host unasked.
-        """
+    def chunk(cls, width: int, height: int, fps: int) -> VideoFormat:
+        """A render chunk: lossless, the fastest preset, with this machine's encoder
+        (h264_nvenc where a GPU and the encoder are there). Chunks of one job may come
+        from different encoders: the mux stage decodes each one on its own."""
+        return cls(width, height, fps, codec=default_codec(), crf=0, preset="ultrafast")
+
+    @classmethod
+    def delivery(cls, width: int, height: int, fps: int) -> VideoFormat:
+        """The delivered video, encoded once by the mux stage with this machine's
+        encoder. The plain constructor stays libx264, so nothing depends on the host
+        unasked."""
         return cls(width, height, fps, codec=default_codec())
 
-    def codec_options(self, gop: int) -> dict[str, Any]:
-        common: dict[str, Any] = {"vcodec": self.codec, "pix_fmt": "yuv420p", "g": gop, "bf": 0}
+    @property
+    def lossless(self) -> bool:
+        return self.crf == 0
+
+    def codec_options(self, gop: int | None = None) -> dict[str, Any]:
+        """`gop`: a closed GOP of exactly that many frames (a chunk); None: the
+        encoder's own keyframe placement (the delivered video)."""
+        opts: dict[str, Any] = {"vcodec": self.codec, "pix_fmt": "yuv420p", "bf": 0}
+        if gop is not None:
+            opts["g"] = gop
         if self.codec == "h264_nvenc":
-            return {**common, "preset": "p4", "rc": "vbr", "cq": self.crf, "forced-idr": 1}
-        return {
-            **common,
-            "preset": self.preset,
-            "crf": self.crf,
-            "keyint_min": gop,
-            "sc_threshold": 0,
-            "flags": "+cgop",
-        }
+            if self.lossless:
+                # Constant QP 0: lossless on every NVENC generation and ffmpeg version.
+                return {**opts, "preset": "p1", "rc": "constqp", "qp": 0, "forced-idr": 1}
+            return {**opts, "preset": "p4", "rc": "vbr", "cq": self.crf, "forced-idr": 1}
+        opts.update(preset=self.preset, crf=self.crf)
+        if gop is not None:
+            opts.update(keyint_min=gop, sc_threshold=0, flags="+cgop")
+        return opts
 
 
 def encode_argv(exe: str, out: Path, fmt: VideoFormat, frames: int) -> list[str]:
@@ -123,29 +144,70 @@ def encode_argv(exe: str, out: Path, fmt: VideoFormat, frames: int) -> list[str]
     return _quiet(stream.compile(cmd=exe, overwrite_output=True))
 
 
-def concat_list(paths: list[Path]) -> str:
-    """The concat demuxer's list file; quotes escaped as its parser expects."""
-    lines = []
-    for p in paths:
-        escaped = str(p.resolve()).replace("'", "'\\''")
-        lines.append(f"file '{escaped}'")
-    return "\n".join(lines) + "\n"
+def decode_argv(exe: str, part: Path) -> list[str]:
+    """One chunk's video, decoded to raw YUV 4:2:0 on stdout."""
+    stream = ffmpeg.input(str(part)).video.output("pipe:", format="rawvideo", pix_fmt="yuv420p")
+    return _quiet(stream.compile(cmd=exe))
 
 
-def mux_argv(exe: str, list_file: Path, audio: Path, out: Path) -> list[str]:
-    """Join the chunk segments by stream copy and add the job's audio once, as AAC."""
-    video = ffmpeg.input(str(list_file), format="concat", safe=0)
+def final_argv(exe: str, fmt: VideoFormat, audio: Path, out: Path) -> list[str]:
+    """Raw YUV 4:2:0 frames on stdin and the job's audio to the delivered MP4: the
+    video encoded once, the audio as AAC, the index up front for streaming."""
+    video = ffmpeg.input(
+        "pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{fmt.width}x{fmt.height}", r=fmt.fps
+    )
     sound = ffmpeg.input(str(audio))
     stream = ffmpeg.output(
         video.video,
         sound.audio,
         str(out),
-        vcodec="copy",
+        r=fmt.fps,
+        video_track_timescale=fmt.fps * 512,
         acodec="aac",
         audio_bitrate=AUDIO_BITRATE,
         movflags="+faststart",
+        **fmt.codec_options(),
     )
     return _quiet(stream.compile(cmd=exe, overwrite_output=True))
+
+
+def join_and_encode(parts: list[Path], audio: Path, out: Path, fmt: VideoFormat) -> None:
+    """Decode the chunks in order into one pipe that feeds one encoder. The decoders
+    write straight into the encoder's stdin (an OS pipe), so no frame passes through
+    Python, and only one chunk is decoded at a time."""
+    exe = ffmpeg_exe()
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as encoder_log:
+        encoder = subprocess.Popen(
+            final_argv(exe, fmt, audio, out),
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=encoder_log,
+        )
+        os.close(read_end)
+        bad_part = ""
+        try:
+            for part in parts:
+                dec = subprocess.run(
+                    decode_argv(exe, part), stdout=write_end, stderr=subprocess.PIPE
+                )
+                if dec.returncode != 0:
+                    bad_part = (
+                        f"cannot decode {part.name}: {_tail(dec.stderr.decode('utf-8', 'replace'))}"
+                    )
+                    break
+        finally:
+            os.close(write_end)  # end of input: the encoder finishes the file
+            if bad_part and encoder.poll() is None:
+                encoder.kill()  # a decoder failed, not the encoder: no partial output
+            code = encoder.wait()
+        if code > 0:  # the encoder's own failure explains a decoder's broken pipe too
+            encoder_log.seek(0)
+            raise PermanentError(
+                f"ffmpeg failed: {_tail(encoder_log.read().decode('utf-8', 'replace'))}"
+            )
+        if bad_part or code != 0:
+            raise PermanentError(bad_part or f"the encoder was stopped ({code})")
 
 
 def _quiet(argv: list[str]) -> list[str]:

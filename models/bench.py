@@ -19,14 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from farm.media import (
-    FrameEncoder,
-    VideoFormat,
-    concat_list,
-    ffmpeg_exe,
-    mux_argv,
-    run_ffmpeg,
-)
+from farm.media import FrameEncoder, VideoFormat, join_and_encode
 from farm.script import split_script
 from models import tts
 from models.base import Phone
@@ -132,7 +125,7 @@ def bench_render(
         torch.cuda.reset_peak_memory_stats()
     render_s, _ = _median_time(render_all, runs)
     video = np.concatenate(rendered)
-    fmt = VideoFormat.for_output(size[0], size[1], FPS)
+    fmt = VideoFormat.chunk(size[0], size[1], FPS)
 
     def encode(out: Path, first: int, count: int) -> None:
         enc = FrameEncoder(out, fmt, count)
@@ -144,20 +137,22 @@ def bench_render(
         tmp = Path(tmp_dir)
         encode_s, _ = _median_time(lambda: encode(tmp / "whole.mp4", 0, frames), runs)
         # The mux joins what the render workers leave: chunk segments, and the job audio.
+        # It decodes them and encodes the delivered video once (farm.media).
         chunks = []
         for i, first in enumerate(range(0, frames, CHUNK_FRAMES)):
             chunks.append(tmp / f"{i:04d}.mp4")
             encode(chunks[-1], first, min(CHUNK_FRAMES, frames - first))
-        (tmp / "list.txt").write_text(concat_list(chunks), encoding="utf-8")
         audio = tts.Speech(samples=samples[: int(frames / FPS * rate)], sample_rate=rate, phones=[])
         with open(tmp / "audio.wav", "wb") as f:
             tts.write_wav(audio, f)
-        argv = mux_argv(ffmpeg_exe(), tmp / "list.txt", tmp / "audio.wav", tmp / "out.mp4")
-        mux_s, _ = _median_time(lambda: run_ffmpeg(argv), runs)
+        final = VideoFormat.delivery(size[0], size[1], FPS)
+        mux_s, _ = _median_time(
+            lambda: join_and_encode(chunks, tmp / "audio.wav", tmp / "out.mp4", final), runs
+        )
     row: dict[str, Any] = {
         "frames": frames,
         "mode": "photo" if mode == "photo" else ("face" if size[0] == size[1] else "letterbox"),
-        "codec": fmt.codec,
+        "codec": fmt.codec,  # of the chunks; the delivery encode uses the same
         "chunks": len(chunks),
         "device": str(getattr(renderer, "device", device)),
         "plan": {"seconds": plan_s, **_rates(plan_s, plan.frame_count)},

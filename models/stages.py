@@ -190,7 +190,7 @@ def _render_frames(
     motion = _cached_plan(ctx, job_id)
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
-    fmt = VideoFormat(motion.width, motion.height, motion.fps)
+    fmt = VideoFormat.chunk(motion.width, motion.height, motion.fps)
     with tempfile.TemporaryDirectory(prefix="farm-chunk-") as tmp:
         out = Path(tmp) / f"{idx:05d}.mp4"
         started = time.perf_counter()

@@ -11,8 +11,8 @@ frozen, the jaw flapping regardless of speech, or the blinks removed, the lip an
 checks fail (tried by hand when the thresholds were set).
 
 The chunk tests render the same plan as separate 20-frame render calls, encode each
-with farm's FrameEncoder, join them with farm's concat + mux, and decode the result
-with PyAV, as the farm's workers and mux stage would.
+with farm's FrameEncoder as lossless chunks, join and encode them once as farm's mux
+stage does, and decode the result with PyAV.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 
 from farm import jobs
 from farm.config import Settings
-from farm.media import FrameEncoder, VideoFormat, concat_list, ffmpeg_exe, mux_argv, run_ffmpeg
+from farm.media import FrameEncoder, VideoFormat, join_and_encode
 from farm.script import split_script
 from models import tts
 from models.base import Phone, Plan
@@ -84,8 +84,9 @@ OPEN_EYE_ABS_MIN = 0.25  # the demo photo's eyes are wide open (0.36): not a squ
 DECODED_MAE_MAX = 3.5
 DECODED_PSNR_MIN = 34.0
 # Frame-to-frame change in the decoded video less the change in the rendered frames
-# (the content's own motion): what encoding and joining added. Measured at CRF 20
-# inside chunks: p95 0.05, max 0.09; with lossless chunks (CRF 0) 0.03 at the joins too.
+# (the content's own motion): what encoding and joining added. Measured with lossless
+# chunks and one CRF 20 encode: inside chunks p95 0.06, max 0.12; at joins max 0.03.
+# Lossy CRF 20 chunks joined by stream copy (the first design) added ~1 at every join.
 SEAM_MAX = 0.25
 
 
@@ -349,7 +350,7 @@ def chunked(
 ) -> Chunked:
     work = tmp_path_factory.mktemp("chunks")
     plan = clip.plan
-    fmt = VideoFormat(plan.width, plan.height, plan.fps)
+    fmt = VideoFormat.chunk(plan.width, plan.height, plan.fps)
     starts = list(range(0, plan.frame_count, CHUNK_FRAMES))
     # Two workers, each with its own renderer and its own copy of the avatar from the
     # store's bytes (so its own render tensors), take alternate chunks, last chunk
@@ -375,9 +376,8 @@ def chunked(
     speech = clip.speech
     tts.write_wav(tts.Speech(samples=speech.samples, sample_rate=speech.rate), wav)
     ordered = [parts[i] for i in range(len(starts))]
-    (work / "list.txt").write_text(concat_list(ordered), encoding="utf-8")
     final = work / "final.mp4"
-    run_ffmpeg(mux_argv(ffmpeg_exe(), work / "list.txt", wav, final))
+    join_and_encode(ordered, wav, final, VideoFormat.delivery(plan.width, plan.height, plan.fps))
     decoded = probe(final)
     assert decoded.video_codec == "h264" and decoded.fps == FPS
     return Chunked(
@@ -404,11 +404,6 @@ def test_joined_video_matches_the_one_go_render(clip: Clip, chunked: Chunked) ->
     assert quality >= DECODED_PSNR_MIN, f"PSNR {quality:.1f} dB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, issue 5: each chunk opens on an IDR frame, which re-codes the photo's "
-    "texture, about 1 grey level of change at every boundary (0.05 inside chunks)",
-)
 def test_no_jump_at_chunk_boundaries(clip: Clip, chunked: Chunked) -> None:
     """The decoded video changes across a join no more than the picture does.
 
