@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from farm import queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
-from farm.errors import InvalidInput, PermanentError
+from farm.errors import Cancelled, InvalidInput, PermanentError
 from farm.media import VideoFormat, count_frames, join_and_encode
 from farm.script import split_script
 from farm.store import chunk_key, job_key
@@ -37,7 +37,7 @@ INPUT_AUDIO = "input.wav"  # jobs/{id}/input.wav: an audio job's normalised inpu
 
 
 def check_avatar_name(name: str) -> str:
-    if not _AVATAR_NAME.match(name):
+    if not _AVATAR_NAME.fullmatch(name):
         raise InvalidInput(
             f"invalid avatar name {name[:80]!r}: use 1-64 letters, digits, '-' or '_'"
         )
@@ -227,8 +227,29 @@ def cancel(ctx: Context, job_id_or_prefix: str) -> Job:
         job = queries.find_job_by_prefix(s, job_id_or_prefix)
         if not queries.transition(s, job.id, states.CANCELLED):
             raise InvalidInput(f"job {job.id} is already {job.state}")
-    ctx.store.delete_prefix(job_key(job.id))
+    _remove_artifacts(ctx, job.id, job.target_key)
     return job
+
+
+def clean_if_cancelled(ctx: Context, job_id: str, *written: str) -> bool:
+    """For a stage that has just written to the store: if the job was cancelled
+    meanwhile, remove its artifacts again and return True (the stage stops).
+
+    Cancel commits the state before it deletes, and a stage asks after it writes, so
+    one of the two always sees the other's work: nothing written survives a cancel."""
+    with ctx.session() as s:
+        if queries.job_state(s, job_id) != states.CANCELLED:
+            return False
+    _remove_artifacts(ctx, job_id, *written)
+    return True
+
+
+def _remove_artifacts(ctx: Context, job_id: str, *outside: str | None) -> None:
+    """Everything under jobs/{id}/, and keys outside it (a batch row's output key)."""
+    ctx.store.delete_prefix(job_key(job_id))
+    for key in outside:
+        if key:
+            ctx.store.delete_prefix(key)
 
 
 def retry(ctx: Context, job_id_or_prefix: str) -> tuple[Job, str, list[tuple[int, ...]]]:
@@ -286,6 +307,8 @@ def mux(ctx: Context, job_id: str) -> None:
         if frames != expected:
             raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")
         ctx.store.put_file(final, out)
+    if clean_if_cancelled(ctx, job_id, final):
+        raise Cancelled(f"job {job_id} was cancelled")
     with ctx.session() as s:
         queries.record_timing(s, job_id, "mux", time.perf_counter() - started)
         queries.transition(s, job_id, states.PUBLISHING)

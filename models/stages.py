@@ -49,6 +49,8 @@ def speak(ctx: Context, job_id: str, idx: int) -> float:
         job_key(job_id, "audio", f"{idx:04d}.json"),
         json.dumps(tts.phones_to_json(speech.phones)).encode(),
     )
+    if jobs.clean_if_cancelled(ctx, job_id):
+        raise Cancelled(f"job {job_id} was cancelled")
     return speech.seconds
 
 
@@ -125,14 +127,19 @@ def plan(ctx: Context, job_id: str) -> list[tuple[int, int]]:
     ctx.store.put_bytes(job_key(job_id, "plan.npz"), motion.to_bytes())
     ranges = jobs.chunk_ranges(motion.frame_count, chunk_frames)
     with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        job.audio_seconds = seconds
-        job.frame_count = motion.frame_count
-        job.width, job.height = motion.width, motion.height
-        job.chunks_total = queries.insert_chunks(s, job_id, ranges)
-        queries.record_timing(s, job_id, "plan", time.perf_counter() - started)
-        if not queries.transition(s, job_id, states.RENDERING):
-            return []
+        # The guarded transition first: a job cancelled (or planned by a duplicate
+        # delivery) meanwhile gets no chunk rows.
+        moved = queries.transition(s, job_id, states.RENDERING)
+        if moved:
+            job = queries.get_job(s, job_id)
+            job.audio_seconds = seconds
+            job.frame_count = motion.frame_count
+            job.width, job.height = motion.width, motion.height
+            job.chunks_total = queries.insert_chunks(s, job_id, ranges)
+            queries.record_timing(s, job_id, "plan", time.perf_counter() - started)
+    if not moved:
+        jobs.clean_if_cancelled(ctx, job_id)  # the audio and plan just written
+        return []
     return ranges
 
 
@@ -203,10 +210,8 @@ def _render_frames(
             raise
         seconds = time.perf_counter() - started
         ctx.store.put_file(chunk_key(job_id, idx), out)
-    if not jobs.is_active(ctx, job_id):
-        # Cancelled while this chunk was uploading: leave nothing behind.
-        ctx.store.delete_prefix(chunk_key(job_id, idx))
-        raise Cancelled(f"job {job_id} is no longer active")
+    if jobs.clean_if_cancelled(ctx, job_id):  # cancelled while this chunk was uploading
+        raise Cancelled(f"job {job_id} was cancelled")
     return seconds
 
 
