@@ -403,13 +403,24 @@ def _piper_chunk_raw(chunk: Any, id_map: dict[str, list[int]], offset: int) -> l
     ]
 
 
+def _piper_config() -> Any:
+    """No sampling noise: the voice's defaults (noise 0.667, duration noise 0.8) draw
+    from onnxruntime's unseeded generator, so the same text came out with other
+    timings on every run. Without it a segment is a pure function of its text: a
+    redelivered tts task, a `farm retry` or a resubmitted script gets the same
+    audio, phone timings and therefore the same frames."""
+    from piper import SynthesisConfig
+
+    return SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+
+
 def _piper_synthesize(text: str) -> tuple[np.ndarray, list[_Raw]]:
     voice = _piper_voice()
     id_map = voice.config.phoneme_id_map
     audio: list[np.ndarray] = []
     raw: list[_Raw] = []
     offset = 0
-    for chunk in voice.synthesize(text, include_alignments=True):
+    for chunk in voice.synthesize(text, syn_config=_piper_config(), include_alignments=True):
         if chunk.phoneme_id_samples is None:
             raise MissingDependency("piper returned no alignments: pip install onnx")
         raw += _piper_chunk_raw(chunk, id_map, offset)
