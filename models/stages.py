@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import tempfile
 import time
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from farm.store import avatar_key, chunk_key, job_key
 from models import tts
 from models.base import AvatarArtifact, Phone, Plan, Renderer, Speech
 from models.registry import get_renderer
+
+log = logging.getLogger("farm.render")
 
 
 def renderer_for(ctx: Context, name: str | None = None) -> Renderer:
@@ -188,6 +191,12 @@ def render(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
     return jobs.chunk_finished(ctx, job_id, idx, seconds)
 
 
+@cache
+def _say_encoder(codec: str) -> None:
+    """Once per worker process, beside the renderer's own line about its path."""
+    log.info("render chunks: encoding with %s", codec)
+
+
 def _render_frames(
     ctx: Context, job_id: str, idx: int, frames: range, avatar_name: str, renderer_name: str
 ) -> float:
@@ -198,6 +207,7 @@ def _render_frames(
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
     fmt = VideoFormat.chunk(motion.width, motion.height, motion.fps)
+    _say_encoder(fmt.codec)
     with tempfile.TemporaryDirectory(prefix="farm-chunk-") as tmp:
         out = Path(tmp) / f"{idx:05d}.mp4"
         started = time.perf_counter()
