@@ -2,7 +2,10 @@
 
 Errors are sorted at this boundary: a missing bucket or refused credentials are
 permanent (the job fails at once with that reason); 5xx, throttling, timeouts and
-refused connections are retryable (the task backs off and tries again)."""
+refused connections are retryable. Two layers retry those: botocore, a few times
+within seconds, for a blip; then the Celery task, with backoff up to minutes, for an
+outage (workers/tasks.py FarmTask). So a call here gives up quickly: a task waiting for
+its retry holds no worker slot, while a call stuck in botocore does."""
 
 from __future__ import annotations
 
@@ -17,6 +20,15 @@ from farm.store import check_key
 T = TypeVar("T")
 
 MULTIPART_BYTES = 8 * 1024 * 1024
+# Seconds to open a connection, and to wait on a socket for each read (and write), not
+# for a whole transfer. S3 answers in well under a second and streams long answers
+# (CompleteMultipartUpload sends keep-alive whitespace), so a 20 s silence is an
+# endpoint that hangs; botocore's default of 60 s, over 4 tries, would stall a worker
+# for 4 minutes per call.
+CONNECT_TIMEOUT = 5
+READ_TIMEOUT = 20
+# Retries after the first try, with botocore's standard mode backoff: rand * 1, 2, 4 s.
+RETRIES = 3
 _PERMANENT = {
     "NoSuchBucket": "the S3 bucket {bucket!r} does not exist",
     "AccessDenied": "S3 refused access to bucket {bucket!r}",
@@ -27,9 +39,22 @@ _PERMANENT = {
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
+def _code(exc: Any) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
 def _from_client_error(store: S3Store, exc: Any, args: tuple[Any, ...]) -> FarmError:
-    code = str(exc.response.get("Error", {}).get("Code", ""))
+    code = _code(exc)
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code in ("403", "404"):
+        # The answer to a HEAD (download_file starts with one) has no body to name the
+        # cause: a missing bucket reads like a missing key, bad credentials like a
+        # missing permission. The bucket's answer to a listing names it.
+        problem = store.bucket_problem()
+        if problem is not None:
+            return problem
+        if code == "403":
+            return PermanentError(_PERMANENT["AccessDenied"].format(bucket=store.bucket))
     if code in _PERMANENT:
         return PermanentError(_PERMANENT[code].format(bucket=store.bucket))
     if code in _MISSING:
@@ -94,9 +119,9 @@ class S3Store:
             endpoint_url=endpoint_url,
             region_name=region,
             config=Config(
-                connect_timeout=5,
-                read_timeout=60,
-                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                retries={"max_attempts": RETRIES, "mode": "standard"},
                 s3={"addressing_style": "path"},
                 # Without this botocore presigns with legacy SigV2 in regions that still
                 # allow it (us-east-1 included); SigV4-only stores reject those URLs.
@@ -117,6 +142,20 @@ class S3Store:
         # A GET, not HeadBucket: the answer to a HEAD has no body, so its bare 403 cannot
         # tell bad credentials from a missing permission. Both need only s3:ListBucket.
         self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+
+    def bucket_problem(self) -> PermanentError | None:
+        """Why the bucket cannot be used (missing, credentials refused), or None when
+        it can, or when that cannot be told right now."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except ClientError as exc:
+            if _code(exc) in _PERMANENT:
+                return PermanentError(_PERMANENT[_code(exc)].format(bucket=self.bucket))
+        except Exception:  # unreachable, 5xx: the caller's own error stands
+            pass
+        return None
 
     @_sorted_errors
     def put_file(self, key: str, path: Path) -> None:
@@ -141,10 +180,13 @@ class S3Store:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except Exception as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if code in _MISSING:
-                return False
-            raise
+            if _code(exc) not in _MISSING:
+                raise
+        # A missing bucket answers a HEAD with the same bare 404 as a missing key.
+        problem = self.bucket_problem()
+        if problem is not None:
+            raise problem
+        return False
 
     @_sorted_errors
     def delete_prefix(self, prefix: str) -> int:
