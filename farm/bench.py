@@ -5,18 +5,25 @@ than absolute times."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm import jobs, queries, states
 from farm.context import Context
 from farm.errors import FarmError
+
+if TYPE_CHECKING:
+    from farm.load import LoadResult
 
 DEFAULT_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "bench.txt"
 
@@ -199,4 +206,52 @@ def format_scaling(rows: list[dict[str, float]]) -> str:
     for (w, ms), rate in sorted(by.items()):
         if w > 1 and (1, ms) in by:
             lines.append(f"  {w} vs 1 worker(s) at {ms} ms/frame: {rate / by[(1, ms)]:.2f}x")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def run_workers(
+    specs: list[tuple[str, str, int]],
+    env: dict[str, str],
+    wait_ready: Callable[[set[str]], None],
+) -> Iterator[dict[str, int]]:
+    """The benchmark's own workers, (name, queue, concurrency) each, logging to a temp
+    directory. Yields name -> pid of each main process; a warm shutdown at the end."""
+    from farm import embedded
+
+    logs = Path(tempfile.mkdtemp(prefix="farm-bench-"))
+    procs = {}
+    try:
+        for name, queue, concurrency in specs:
+            argv = embedded.worker_argv(
+                queue, concurrency, f"{name}@%h", "WARNING", logs / f"{name}.log"
+            )
+            with open(logs / f"{name}.out", "wb") as out:  # the banner, a crash
+                procs[name] = subprocess.Popen(
+                    argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+        wait_ready({f"{name}@" for name in procs})
+        yield {name: p.pid for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            p.wait(timeout=120)
+
+
+def format_load(r: LoadResult) -> str:
+    lines = [
+        f"Load: {r.jobs} jobs submitted at once (null renderer, espeak, 64x64, one chunk each)",
+        f"  submitted in {r.submit_seconds:.1f} s; all ended after {r.wall_seconds:.1f} s:"
+        f" {r.jobs_per_minute:.0f} jobs/min",
+        f"  {r.succeeded} succeeded, {r.failed} failed, {r.cancelled} cancelled",
+        f"  peak queue depth: {r.peak_queue_depth} messages waiting",
+        f"  `farm jobs` queries: median {r.list_ms_median:.0f} ms, max {r.list_ms_max:.0f} ms"
+        f" ({r.samples} samples)",
+        f"  `python -m farm jobs`: median {r.cli_seconds_median:.1f} s,"
+        f" max {r.cli_seconds_max:.1f} s ({len(r.cli_runs)} runs,"
+        f" {sum(1 for c in r.cli_runs if c.returncode != 0)} failed)",
+        "  peak memory (RSS) of one process, by role:",
+    ]
+    lines += [f"    {role:14} {mib:6.0f} MiB" for role, mib in r.peak_rss_mib.items()]
     return "\n".join(lines)

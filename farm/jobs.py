@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from farm import queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
-from farm.errors import Cancelled, InvalidInput, PermanentError
+from farm.errors import Cancelled, InvalidInput, PermanentError, RetryableError
 from farm.media import VideoFormat, count_frames, join_and_encode
 from farm.script import split_script
 from farm.store import chunk_key, job_key
@@ -124,6 +124,18 @@ def create(ctx: Context, req: JobRequest) -> str:
             webhook_url=webhook_url,
             audio_key=audio_key,
         )
+    return job_id
+
+
+def submit(ctx: Context, req: JobRequest, enqueue: Callable[[str, str], object]) -> str:
+    """Record a job and queue its first stage with `enqueue(task name, job id)`. A job
+    the broker refused is removed again: it was never accepted."""
+    job_id = create(ctx, req)
+    try:
+        enqueue("farm.prepare", job_id)
+    except Exception as exc:
+        forget(ctx, job_id)
+        raise RetryableError(f"could not queue the job: {exc}") from exc
     return job_id
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 from farm.errors import InvalidInput, MissingDependency
 from models.base import Renderer
 
-# name -> (module:class, the pip extra or package that provides its dependencies)
-RENDERERS: dict[str, tuple[str, str]] = {
-    "portrait": ("models.portrait:PortraitRenderer", "farm"),
-    "null": ("models.null:NullRenderer", "farm"),  # no work: scheduling tests, overhead
+# name -> (module:class, the pip extra or package that provides its dependencies,
+#          whether it runs on torch: only then is torch imported and its threads set)
+RENDERERS: dict[str, tuple[str, str, bool]] = {
+    "portrait": ("models.portrait:PortraitRenderer", "farm", True),
+    "null": ("models.null:NullRenderer", "farm", False),  # no work: scheduling tests, overhead
 }
 
 
@@ -20,7 +21,7 @@ RENDERERS: dict[str, tuple[str, str]] = {
 def get_renderer(name: str, model_dir: Path, device: str, batch: int, threads: int) -> Renderer:
     """One loaded renderer per process and configuration; models stay warm."""
     try:
-        target, extra = RENDERERS[name]
+        target, extra, uses_torch = RENDERERS[name]
     except KeyError:
         raise InvalidInput(
             f"unknown renderer {name!r}; available: {', '.join(RENDERERS)}"
@@ -32,9 +33,10 @@ def get_renderer(name: str, model_dir: Path, device: str, batch: int, threads: i
         raise MissingDependency(
             f"renderer {name!r} needs {exc.name}: pip install '{extra}'"
         ) from exc
-    import torch
+    if uses_torch:
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     renderer: Renderer = getattr(module, cls_name)(batch_size=batch)
     renderer.load(model_dir, device)
     return renderer
