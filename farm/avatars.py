@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,28 @@ from farm.errors import FarmError, InvalidInput, RetryableError
 from farm.store import avatar_key
 
 MAX_PHOTO_BYTES = 50 * 1024 * 1024
-MAX_PHOTO_PIXELS = 40_000_000
+
+
+@contextmanager
+def pixel_limit(limit: int) -> Iterator[None]:
+    """Pillow's decompression-bomb guard at FARM_MAX_PHOTO_PIXELS for the images opened
+    inside, then back to what it was: the guard is a global of the PIL module, and a
+    process (a test, a worker) may use other limits later."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_photo(path: Path, settings: Settings) -> bytes:
-    """The photo's bytes, if they decode as an image of sane size; else InvalidInput."""
+    """The photo's bytes, if they decode as an image of sane size; else InvalidInput.
+
+    The pixel limit (FARM_MAX_PHOTO_PIXELS) is checked on the header, before a pixel
+    is decoded: Pillow's decompression-bomb guard is set to it and made an error."""
     from PIL import Image
 
     if not path.is_file():
@@ -29,17 +49,20 @@ def read_photo(path: Path, settings: Settings) -> bytes:
     if path.stat().st_size > MAX_PHOTO_BYTES:
         raise InvalidInput(f"photo {path.name} is larger than {MAX_PHOTO_BYTES >> 20} MiB")
     data = path.read_bytes()
+    limit = settings.max_photo_pixels
+    too_big = f"photo {path.name} has more than {limit} pixels (FARM_MAX_PHOTO_PIXELS)"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > MAX_PHOTO_PIXELS:
-                raise InvalidInput(
-                    f"photo {path.name} has {width}x{height} pixels; "
-                    f"the limit is {MAX_PHOTO_PIXELS}"
-                )
-            img.load()  # decodes every pixel: catches truncated files
+        with pixel_limit(limit), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > limit:
+                    raise InvalidInput(f"{too_big}: it is {width}x{height}")
+                img.load()  # decodes every pixel: catches truncated files
     except InvalidInput:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(too_big) from exc
     except Exception as exc:  # PIL raises many types for undecodable data
         raise InvalidInput(f"photo {path.name} is not a readable image ({exc})") from exc
     return data

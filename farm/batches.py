@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import jobs, manifest, queries, states
+from farm import jobs, manifest, queries, script, states
 from farm.context import Context
 from farm.db import Batch, Job
 from farm.errors import InvalidInput, RetryableError
@@ -45,7 +45,7 @@ Enqueue = Callable[[str], None]
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidInput(
             f"invalid batch name {name[:120]!r}: use 1-100 letters, digits, '.', '-' or '_'"
         )
@@ -99,6 +99,13 @@ def check(
     """Check every row: script, avatar, voice, webhook and output key, and that no
     row takes an output an earlier submission of this batch gave to another row."""
     check_name(name)
+    raw = list(raw)
+    limit = ctx.settings.max_batch_jobs
+    if len(raw) > limit:
+        raise InvalidInput(
+            f"the manifest has {len(raw)} rows; the limit is {limit} jobs per batch "
+            "(FARM_MAX_BATCH_JOBS)"
+        )
     jobs_checked: dict[tuple[str, str, str | None], str | None] = {}
 
     def check_job(avatar: str, voice: str, webhook: str | None) -> str | None:
@@ -132,8 +139,12 @@ def check(
             f"earlier to batch {name}"
         )
 
+    def check_script(text: str) -> None:
+        padding = jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
+        script.check_script_frames(text, options.fps, ctx.settings, padding)
+
     return manifest.check_rows(
-        raw, base, options.defaults, ctx.settings.max_script_chars, check_job, taken
+        raw, base, options.defaults, ctx.settings.max_script_chars, check_job, taken, check_script
     )
 
 

@@ -5,9 +5,11 @@ Every FarmError becomes one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -17,10 +19,48 @@ from typing import Any
 import click
 
 from farm import jobs, queries, states
-from farm.config import Settings
+from farm.config import Settings, known_secrets, redact
 from farm.context import Context
 from farm.errors import FarmError, InvalidInput, NotFound, RetryableError
-from farm.script import decode_script
+from farm.script import check_frames, check_script_frames, decode_script, read_limit
+
+
+def one_line(text: str) -> str:
+    """A message as one printable line: whitespace runs (newlines too) become one
+    space, other control, bidi and escape characters are shown escaped, and every
+    configured secret and URL password becomes ***."""
+    text = redact(" ".join(str(text).split()), known_secrets())
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _outage(exc: Exception) -> str | None:
+    """One line for a database or broker that cannot be used, or None."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.ArgumentError | sa_exc.NoSuchModuleError):
+        return f"FARM_DATABASE_URL is not a usable database URL: {exc}"
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return f"the database is unavailable: {getattr(exc, 'orig', None) or exc}"
+    if isinstance(exc, BrokerError):
+        return f"the broker is unavailable: {exc}"
+    return None
+
+
+def _id_prefix(pattern: str, what: str) -> Callable[[Any, Any, str], str]:
+    """A click callback: JOB and DELIVERY are ids or their first characters, nothing
+    else (a '%' or '_' would match any id in SQL's LIKE; a NUL breaks Postgres)."""
+
+    def check(_ctx: Any, _param: Any, value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise click.BadParameter(f"{value[:40]!r} is not a {what} id or the start of one")
+        return value
+
+    return check
+
+
+_JOB_ID = _id_prefix(r"[0-9a-f]{1,32}", "job")
+_DELIVERY_ID = _id_prefix(r"(msg_)?[0-9a-f]{1,32}", "webhook delivery")
 
 
 def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,7 +69,13 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except FarmError as exc:
-            click.echo(f"farm: error: {exc}", err=True)
+            click.echo(f"farm: error: {one_line(str(exc))}", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            message = _outage(exc)
+            if message is None:
+                raise
+            click.echo(f"farm: error: {one_line(message)}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -62,7 +108,38 @@ def _celery() -> Any:
     return tasks
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineError(click.ClickException):
+    """A usage error shown like every other error: one line, no usage text."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"farm: error: {self.message}", err=True)
+
+
+def _one_line_usage(exc: click.UsageError) -> _OneLineError:
+    hint = f" (see '{exc.ctx.command_path} -h')" if exc.ctx is not None else ""
+    return _OneLineError(one_line(exc.format_message()) + hint)
+
+
+class _Main(click.Group):
+    """The top-level group: bad options and unknown commands, at any level, are one line
+    on stderr with exit status 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from exc
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from exc
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """farm: turn scripts into videos of an avatar speaking them.
 
@@ -91,15 +168,21 @@ def _output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _read_script(source: str, settings: Settings) -> str:
+    limit = read_limit(settings.max_script_chars)
     if source == "-":
-        data = sys.stdin.buffer.read(settings.max_script_chars * 4 + 1)
+        data = sys.stdin.buffer.read(limit)
     else:
         path = Path(source)
         if not path.is_file():
             raise InvalidInput(f"no such script file: {source}")
         with path.open("rb") as fh:
-            data = fh.read(settings.max_script_chars * 4 + 1)
+            data = fh.read(limit)
     return decode_script(data, settings.max_script_chars)
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed < 2**31:
+        raise InvalidInput(f"seed must be within 0..{2**31 - 1}, got {seed}")
 
 
 @main.command()
@@ -153,20 +236,27 @@ def submit(
     settings = Settings.from_env()
     if (script is None) == (audio is None):
         raise InvalidInput("give exactly one of SCRIPT or --audio FILE")
+    _check_seed(seed)
+    fps = settings.fps if fps is None else fps
+    padding = jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
     text, audio_wav = "", None
     if audio is not None:
         from farm import audio as audio_input
 
-        audio_wav = audio_input.to_wav(audio_input.decode(audio, settings.max_audio_seconds))
+        samples = audio_input.decode(audio, settings.max_audio_seconds)
+        seconds = samples.size / audio_input.SAMPLE_RATE + padding
+        check_frames(seconds, fps, settings.max_job_frames, audio.name, estimate=False)
+        audio_wav = audio_input.to_wav(samples)
     else:
         assert script is not None
         text = _read_script(script, settings)
+        check_script_frames(text, fps, settings, padding)
     request = jobs.JobRequest(
         script=text,
         audio_wav=audio_wav,
         avatar=avatar,
         voice=voice,
-        fps=settings.fps if fps is None else fps,
+        fps=fps,
         size=jobs.parse_size(size or str(settings.size)),
         chunk_frames=settings.chunk_frames if chunk_frames is None else chunk_frames,
         seed=seed,
@@ -179,24 +269,39 @@ def submit(
         from farm import embedded
 
         embedded.ensure_running(ctx.settings)
-    job_id = jobs.create(ctx, request)
-    try:
-        _celery().enqueue("farm.prepare", job_id)
-    except Exception as exc:  # the broker refused: the job was never accepted
-        jobs.forget(ctx, job_id)
-        raise RetryableError(f"could not queue the job: {exc}") from exc
+    job_id = jobs.submit(ctx, request, _celery().enqueue)
     click.echo(job_id)
     if wait:
         _wait(ctx, job_id, output)
 
 
+# How long `--wait` polls through a database outage before it gives up (the job goes
+# on without it). A candidate for a setting; the workers' own patience is about 10 min.
+WAIT_OUTAGE_SECONDS = 600.0
+
+
 def _wait(ctx: Context, job_id: str, output: Path | None) -> None:
+    from farm.db import OUTAGE_ERRORS
+
     bar = _ProgressLine(sys.stderr)
     last_check = time.monotonic()
+    down_since: float | None = None
     while True:
-        with ctx.session() as s:
-            prog = queries.progress(s, job_id)
-            job = queries.get_job(s, job_id)
+        try:
+            with ctx.session() as s:
+                prog = queries.progress(s, job_id)
+                job = queries.get_job(s, job_id)
+        except OUTAGE_ERRORS as exc:
+            # A database restart: keep polling, quietly, for a while.
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > WAIT_OUTAGE_SECONDS:
+                raise RetryableError(
+                    f"the database has been unavailable for {WAIT_OUTAGE_SECONDS:.0f} s; "
+                    f"job {job_id} goes on: see 'farm status {job_id}'"
+                ) from exc
+            time.sleep(1)
+            continue
+        down_since = None
         bar.show(prog)
         if prog.state in states.FINAL:
             break
@@ -262,7 +367,7 @@ def _fmt_seconds(value: float | None) -> str:
 
 
 @main.command()
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", callback=_JOB_ID)
 @fail_cleanly
 def status(job_id: str) -> None:
     """Show a job's state, progress, timings and output (JOB may be an id prefix)."""
@@ -306,18 +411,20 @@ def list_jobs(limit: int, state: str | None) -> None:
     """List recent jobs, newest first."""
     ctx = make_context(start_runtime=False)
     with ctx.session() as s:
-        rows = [(j, queries.progress(s, j.id)) for j in queries.list_jobs(s, limit, state)]
+        listed = queries.list_jobs(s, limit, state)
+        done = queries.chunks_done_by_job(s, [j.id for j in listed])
     click.echo(f"{'JOB':12}  {'STATE':10}  {'PROGRESS':>8}  {'AUDIO':>7}  {'WALL':>7}  AVATAR")
-    for job, prog in rows:
+    for job in listed:
         wall = (job.timings or {}).get("total")
+        fraction = states.progress(job.state, done.get(job.id, 0), job.chunks_total)
         click.echo(
-            f"{job.id[:12]:12}  {job.state:10}  {prog.fraction:>8.0%}  "
+            f"{job.id[:12]:12}  {job.state:10}  {fraction:>8.0%}  "
             f"{_fmt_seconds(job.audio_seconds):>7}  {_fmt_seconds(wall):>7}  {job.avatar}"
         )
 
 
 @main.command()
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", callback=_JOB_ID)
 @fail_cleanly
 def cancel(job_id: str) -> None:
     """Cancel a job: queued tasks never start, running chunks stop within a frame batch."""
@@ -343,7 +450,7 @@ def _batch_job_ended(ctx: Context, job_id: str) -> None:
 
 
 @main.command()
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", callback=_JOB_ID)
 @fail_cleanly
 def retry(job_id: str) -> None:
     """Re-run a failed job from where it failed: only its unfinished chunks (or stage)."""
@@ -352,6 +459,25 @@ def retry(job_id: str) -> None:
     _celery().resume(job.id, stage, items)
     what = f"{len(items)} {stage} task(s)" if items else stage
     click.echo(f"retrying {job.id}: {what}")
+
+
+@main.command()
+@click.option(
+    "--stall-seconds",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Count work as stalled after this long without a sign of life "
+    "(default FARM_STALL_SECONDS; 0 after the broker lost its data).",
+)
+@fail_cleanly
+def sweep(stall_seconds: int | None) -> None:
+    """Queue again the work of jobs whose messages were lost (beat does this every
+    FARM_SWEEP_SECONDS). Safe at any time: every stage is idempotent."""
+    ctx = make_context()
+    if stall_seconds is not None:
+        ctx = Context(dataclasses.replace(ctx.settings, stall_seconds=stall_seconds))
+    n = _celery().sweep_and_queue(ctx)
+    click.echo(f"{n} stalled job(s) queued again")
 
 
 # --- avatars ----------------------------------------------------------------
@@ -420,6 +546,7 @@ def avatar_list() -> None:
 @fail_cleanly
 def avatar_show(name: str) -> None:
     """Show one avatar."""
+    jobs.check_avatar_name(name)
     ctx = make_context(start_runtime=False)
     with ctx.session() as s:
         row = queries.get_avatar(s, name)
@@ -447,7 +574,7 @@ def _fmt_time(when: Any) -> str:
 
 
 @webhooks_group.command(name="list")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", callback=_JOB_ID)
 @fail_cleanly
 def webhooks_list(job_id: str) -> None:
     """The webhook deliveries of JOB and every attempt of each."""
@@ -475,7 +602,7 @@ def webhooks_list(job_id: str) -> None:
 
 
 @webhooks_group.command(name="redeliver")
-@click.argument("delivery_id", metavar="DELIVERY")
+@click.argument("delivery_id", metavar="DELIVERY", callback=_DELIVERY_ID)
 @fail_cleanly
 def webhooks_redeliver(delivery_id: str) -> None:
     """Queue a fresh attempt of DELIVERY (same webhook-id and body, new signature)."""
@@ -562,6 +689,7 @@ def batch_submit(
 
     settings = Settings.from_env()
     batches.check_name(name)
+    _check_seed(seed)
     options = batches.Options(
         fps=settings.fps if fps is None else fps,
         size=jobs.parse_size(size or str(settings.size)),
@@ -572,7 +700,7 @@ def batch_submit(
     ctx = make_context(start_runtime=False)
     checked = batches.load(ctx, name, manifest_path, options)
     for problem in checked.problems:
-        click.echo(f"{manifest_path}: {problem}", err=True)
+        click.echo(one_line(f"{manifest_path}: {problem}"), err=True)
     if checked.problems and not skip_invalid:
         good = len(checked.rows)
         raise InvalidInput(
@@ -608,6 +736,8 @@ def batch_submit(
 def batch_status(name: str, wait: bool) -> None:
     """Jobs per state, failures with their reasons; --wait shows a progress bar."""
     from farm import batches
+
+    batches.check_name(name)
 
     ctx = make_context(start_runtime=False)
     st = batches.status(ctx, name)
@@ -673,6 +803,8 @@ def batch_report(name: str, fmt: str, output: Path | None) -> None:
     import json
 
     from farm import batches
+
+    batches.check_name(name)
 
     ctx = make_context(start_runtime=False)
     report = batches.report(ctx, name)
@@ -837,6 +969,15 @@ def db_upgrade(revision: str) -> None:
     help="With --workers: simulated render time per frame of the null renderer.",
 )
 @click.option(
+    "--load",
+    "load_jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Submit N short jobs at once to workers of its own (needs FARM_BROKER_URL on "
+    "Redis): jobs per minute, peak queue depth, memory per process, `farm jobs` latency.",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -853,14 +994,22 @@ def bench(
     e2e: bool,
     workers: str | None,
     frame_ms: str,
+    load_jobs: int | None,
     json_out: Path | None,
 ) -> None:
     """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio;
-    with --workers, render-worker scaling and the per-chunk overhead instead."""
+    with --workers, render-worker scaling and the per-chunk overhead instead; with
+    --load, a farm under N jobs submitted at once."""
     import json
 
     from farm import bench as b
 
+    if load_jobs:
+        result = _bench_load(load_jobs)
+        click.echo(b.format_load(result))
+        if json_out:
+            json_out.write_text(json.dumps({"load": result.figures()}, indent=2))
+        return
     if workers:
         rows = _bench_scaling(workers, frame_ms)
         click.echo(b.format_scaling(rows))
@@ -925,6 +1074,29 @@ def _bench_scaling(workers: str, frame_ms: str) -> list[dict[str, float]]:
     return rows
 
 
+def _bench_load(n: int) -> Any:
+    """N jobs at once on a cpu and a render worker of the configured concurrency,
+    with the null renderer: the farm's scheduling under load, not rendering."""
+    from farm import bench as b
+    from farm import load
+
+    ctx = make_context(start_runtime=False)
+    if ctx.settings.embedded:
+        raise InvalidInput(
+            "--load measures a farm on real services: set FARM_BROKER_URL "
+            "(and FARM_DATABASE_URL) first"
+        )
+    load.queue_depth_reader(ctx.settings)()  # not Redis, or down: refused before workers
+    env = {**os.environ, "FARM_RENDERER": "null", "FARM_NULL_FRAME_MS": "0"}
+    specs = [
+        ("load-cpu", "cpu", ctx.settings.cpu_concurrency),
+        ("load-render", "render", ctx.settings.render_concurrency),
+    ]
+    with b.run_workers(specs, env, _wait_for_workers) as pids:
+        roles = {name.removeprefix("load-"): pid for name, pid in pids.items()}
+        return load.run(ctx, _celery().enqueue, n, workers=roles)
+
+
 def _wait_for_workers(prefixes: set[str], timeout: float = 120) -> None:
     from workers.app import app
 
@@ -937,7 +1109,7 @@ def _wait_for_workers(prefixes: set[str], timeout: float = 120) -> None:
 
 
 @main.command(name="fetch")
-@click.argument("job_id", metavar="JOB")
+@click.argument("job_id", metavar="JOB", callback=_JOB_ID)
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 @fail_cleanly
 def fetch_output(job_id: str, dest: Path) -> None:

@@ -6,11 +6,12 @@ socket, and a local artifact directory, all under FARM_HOME.
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from farm.errors import InvalidInput
 
@@ -45,13 +46,25 @@ class Settings:
     render_threads: int = 1  # torch threads per render process
     render_concurrency: int = 2  # render processes the embedded runtime starts
     cpu_concurrency: int = 2
+    # --- limits on what one submission may ask for (checked before any row exists) ---
     max_script_chars: int = 20_000
     max_segment_chars: int = 400
     max_audio_seconds: float = 600.0  # longest input of `farm submit --audio`
+    max_photo_pixels: int = 40_000_000  # `farm avatar add`: refused before decoding
+    max_job_frames: int = 45_000  # 30 min at 25 fps; scripts are estimated at submit
+    max_batch_jobs: int = 10_000  # rows of one manifest
     segment_pause_ms: int = 350
-    task_max_retries: int = 3
+    task_max_retries: int = 3  # a renderer error (render chunks only), then the job fails
+    # An outage (the database, the store, any RetryableError) is not the job's fault: waits
+    # of 1, 2, 4 ... s capped at outage_max_delay, jittered; 25 x <= 30 s is ~10 minutes.
+    outage_retries: int = 25
+    outage_max_delay: int = 30
     visibility_timeout: int = 12 * 3600  # above the longest task + queue wait (celery#5935)
     embedded_idle_seconds: int = 120
+    # The sweep (farm/sweep.py): how often it looks for work whose message was lost,
+    # and how long work must show no sign of life first (above the longest chunk).
+    sweep_seconds: int = 60
+    stall_seconds: int = 900
     # --- webhooks (farm/webhooks.py) ---
     webhook_url: str = ""  # default target of every job; empty: none
     webhook_secret: str = ""  # whsec_<base64>; required once any webhook is used
@@ -101,6 +114,8 @@ class Settings:
             if raw is None or raw == "":
                 continue
             kwargs[f.name] = _coerce(f.name, f.type, raw)
+            if f.name in _LIMITS and kwargs[f.name] <= 0:
+                raise InvalidInput(f"FARM_{f.name.upper()} must be positive, got {raw!r}")
         return cls(**kwargs)
 
     def describe(self) -> dict[str, str]:
@@ -116,6 +131,11 @@ class Settings:
             shown["webhook_secret"] = "whsec_***"
         return {k: mask_url(v) for k, v in shown.items()}
 
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, as it could appear in a message."""
+        urls = (self.database_url, self.broker_url, self.result_backend, self.store_url)
+        return _secrets([self.webhook_secret, *(url_password(u) for u in urls)])
+
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
@@ -124,9 +144,109 @@ class Settings:
         return {f"FARM_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
 
 
+_LIMITS = frozenset(
+    {
+        "max_script_chars",
+        "max_segment_chars",
+        "max_audio_seconds",
+        "max_photo_pixels",
+        "max_job_frames",
+        "max_batch_jobs",
+    }
+)
+# Credentials farm never holds itself but hands on to boto3 and the like.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _authority(value: str) -> tuple[int, int, int] | None:
+    """(start, password start, end) of the `user:password@` part of a URL, if any. The
+    password runs to the authority's last '@', as URL parsers read it: a raw '@' in a
+    password must not leave the rest of it in view."""
+    head, sep, _ = value.partition("://")
+    if not sep or not head or any(c.isspace() for c in head):
+        return None
+    start = len(head) + 3
+    stop = len(value)
+    for ch in "/?#":
+        at = value.find(ch, start)
+        if at != -1:
+            stop = min(stop, at)
+    at = value.rfind("@", start, stop)
+    colon = value.find(":", start, at) if at != -1 else -1
+    return (start, colon + 1, at) if colon != -1 else None
+
+
+def url_password(value: str) -> str:
+    """The password in scheme://user:password@host..., '' when there is none."""
+    span = _authority(value)
+    return value[span[1] : span[2]] if span else ""
+
+
 def mask_url(value: str) -> str:
     """scheme://user:secret@host -> scheme://user:***@host; other text unchanged."""
-    return re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", value)
+    span = _authority(value)
+    if not span or span[1] == span[2]:
+        return value
+    return value[: span[1]] + "***" + value[span[2] :]
+
+
+def _secrets(values: list[str]) -> list[str]:
+    found: set[str] = set()
+    for v in values:
+        if v:
+            found.update({v, unquote(v)})
+    # Longest first, so a secret that contains another is replaced whole.
+    return sorted((v for v in found if len(v) >= 3), key=len, reverse=True)
+
+
+def known_secrets(env: dict[str, str] | None = None) -> list[str]:
+    """The secrets of this process's configuration, read leniently: for scrubbing error
+    messages even when the settings themselves do not load."""
+    values = _read_dotenv(Path.cwd() / ".env")
+    values.update(os.environ if env is None else env)
+    urls = ("DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "STORE_URL")
+    return _secrets(
+        [values.get("FARM_WEBHOOK_SECRET", "")]
+        + [url_password(values.get(f"FARM_{name}", "")) for name in urls]
+        + [values.get(name, "") for name in SECRET_ENV]
+    )
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret and every URL password replaced by ***."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return " ".join(mask_url(word) for word in text.split(" "))
+
+
+class RedactingFilter(logging.Filter):
+    """A log handler's filter that redacts secrets from every record it handles, its
+    traceback included: libraries log more than farm does (botocore at DEBUG logs
+    request headers, a session token among them)."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message, self.secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        return True
+
+
+def redact_logs(logger: logging.Logger, secrets: list[str] | None = None) -> None:
+    """Redact secrets (default: this process's configuration's) in every record that
+    `logger`'s handlers write, the records of child loggers included."""
+    found = known_secrets() if secrets is None else secrets
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter(found))
 
 
 def _coerce(name: str, type_: Any, raw: str) -> Any:

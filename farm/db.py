@@ -22,6 +22,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -210,6 +211,16 @@ class WebhookAttempt(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+# What a database outage or restart raises: the server refused or dropped the connection
+# (Postgres stopped, restarting, or in crash recovery), or SQLite stayed locked. Work
+# that hits one is retried later; it says nothing about the job itself.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (sa_exc.OperationalError, sa_exc.InterfaceError)
+
+# Seconds to wait for a connection to a database server before counting it as down
+# (a host that drops packets would otherwise hold a worker for the OS's TCP timeout).
+CONNECT_TIMEOUT = 10
+
+
 def make_engine(url: str) -> Engine:
     """One engine per process, made at start-up (never at import)."""
     if url.startswith("sqlite"):
@@ -219,7 +230,12 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # pre_ping: a pooled connection that a server restart closed is replaced on checkout
+    # instead of failing the first query after the restart.
+    connect_args = {}
+    if url.startswith("postgresql") and "connect_timeout=" not in url:  # the URL's wins
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -257,9 +257,12 @@ class Supervisor:
         from farm.context import Context
 
         ctx = Context(self.settings)
-        idle_since = time.monotonic()
+        idle_since = last_sweep = time.monotonic()
         while not self.stopping:
             time.sleep(1.0)
+            if time.monotonic() - last_sweep >= self.settings.sweep_seconds:
+                last_sweep = time.monotonic()
+                self._sweep()
             for name, argv in self.worker_specs().items():
                 if self.workers[name].poll() is not None and not self.stopping:
                     log.warning(
@@ -273,6 +276,17 @@ class Supervisor:
             elif time.monotonic() - idle_since > self.settings.embedded_idle_seconds:
                 log.info("idle for %ss; stopping", self.settings.embedded_idle_seconds)
                 return
+
+    def _sweep(self) -> None:
+        """The embedded runtime has no beat process: the supervisor queues the sweep
+        for lost work (farm/sweep.py) itself."""
+        from workers.app import app
+        from workers.beat import SWEEP_TASK
+
+        try:
+            app.send_task(SWEEP_TASK, expires=float(self.settings.sweep_seconds))
+        except Exception as exc:  # the broker is restarting: the next round will do
+            log.warning("could not queue the sweep: %s", exc)
 
     def _shutdown(self) -> None:
         ready_file(self.settings).unlink(missing_ok=True)

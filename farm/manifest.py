@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from farm.errors import FarmError, InvalidInput
-from farm.script import decode_script
+from farm.script import decode_script, read_limit
 
 COLUMNS: tuple[str, ...] = ("script", "text", "avatar", "voice", "webhook", "output")
 ALIASES: dict[str, str] = {"output_key": "output"}
@@ -76,6 +76,12 @@ class Defaults:
 
 # (avatar, voice, webhook or None) -> the job's webhook URL; InvalidInput when refused
 CheckJob = Callable[[str, str, str | None], str | None]
+# a row's cleaned script -> None; InvalidInput when it asks too much (FARM_MAX_JOB_FRAMES)
+CheckScript = Callable[[str], None]
+
+
+def _any_script(_text: str) -> None:
+    return None
 
 
 @dataclass
@@ -169,9 +175,16 @@ def read_jsonl(text: str) -> list[RawRow]:
             continue
         where = f"line {number}"
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=_no_repeats)
+        except _Repeated as exc:
+            rows.append(RawRow(where, {"_error": f"field {exc.args[0]!r} appears twice"}, number))
+            continue
         except json.JSONDecodeError as exc:
             rows.append(RawRow(where, {"_error": f"not valid JSON ({exc.msg})"}, number))
+            continue
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, [[[[...
+            reason = f"not valid JSON ({type(exc).__name__}: {str(exc)[:100]})"
+            rows.append(RawRow(where, {"_error": reason}, number))
             continue
         if not isinstance(obj, dict):
             reason = f"must be a JSON object, got {type(obj).__name__}"
@@ -185,6 +198,20 @@ def read_jsonl(text: str) -> list[RawRow]:
             continue
         rows.append(RawRow(where, values, number))
     return rows
+
+
+class _Repeated(ValueError):
+    """A JSON object names a field twice (json.loads would keep only the last)."""
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        name = _column(str(key))  # an alias and its column are the same field
+        if name in seen:
+            raise _Repeated(name)
+        seen.add(name)
+    return dict(pairs)
 
 
 def read_directory(base: Path) -> list[RawRow]:
@@ -205,8 +232,8 @@ def check_output_key(key: str) -> str | None:
         return "the output key is empty"
     if len(key) > MAX_OUTPUT_KEY:
         return f"the output key has {len(key)} characters; the limit is {MAX_OUTPUT_KEY}"
-    if "\0" in key or any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
-        return "the output key contains a control character"
+    if any(not ch.isprintable() for ch in key):  # NUL, newline, bidi overrides
+        return "the output key contains a control character or a formatting mark"
     if key.startswith("/"):
         return f"output key {key!r} must be relative (no leading /)"
     if "\\" in key:
@@ -244,9 +271,8 @@ def script_path(base: Path, relative: str) -> Path:
 
 
 def read_script(path: Path, max_chars: int) -> str:
-    # A UTF-8 character is at most 4 bytes: anything longer is over the limit anyway.
     with path.open("rb") as fh:
-        return decode_script(fh.read(max_chars * 4 + 1), max_chars)
+        return decode_script(fh.read(read_limit(max_chars)), max_chars)
 
 
 def default_output(source: str, text: str) -> str:
@@ -272,6 +298,7 @@ def check_row(
     defaults: Defaults,
     max_chars: int,
     check_job: CheckJob,
+    check_script: CheckScript = _any_script,
 ) -> Row:
     """One row to a Row, or InvalidInput with the first thing wrong with it."""
     if "_error" in raw.values:
@@ -287,6 +314,7 @@ def check_row(
     else:
         body = decode_script(str(text).encode(), max_chars)
         source = ""
+    check_script(body)
     avatar = _string(raw.values, "avatar") or defaults.avatar
     voice = _string(raw.values, "voice") or defaults.voice
     webhook = check_job(avatar, voice, _string(raw.values, "webhook") or defaults.webhook)
@@ -304,6 +332,7 @@ def check_rows(
     max_chars: int,
     check_job: CheckJob,
     taken: Callable[[Row], str | None] = lambda _row: None,
+    check_script: CheckScript = _any_script,
 ) -> Checked:
     """Every row checked; problems keep the manifest's order. A later row whose output
     key repeats an earlier one is a problem that names the earlier row; `taken` says
@@ -312,7 +341,7 @@ def check_rows(
     seen: dict[str, str] = {}
     for raw in rows:
         try:
-            row = check_row(raw, base, defaults, max_chars, check_job)
+            row = check_row(raw, base, defaults, max_chars, check_job, check_script)
         except FarmError as exc:
             result.problems.append(Problem(raw.where, str(exc), raw.line))
             continue

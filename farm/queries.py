@@ -52,7 +52,9 @@ def find_job_by_prefix(session: Session, prefix: str) -> Job:
 
 
 def _by_prefix(session: Session, model: Any, prefix: str, what: str) -> Any:
-    rows = session.scalars(select(model).where(model.id.startswith(prefix)).limit(2)).all()
+    # autoescape: '%' and '_' in what a user typed are characters, not wildcards.
+    match = model.id.startswith(prefix, autoescape=True)
+    rows = session.scalars(select(model).where(match).limit(2)).all()
     if len(rows) != 1:
         raise NotFound(
             f"no {what} {prefix!r}" if not rows else f"{what} id {prefix!r} is ambiguous"
@@ -112,6 +114,20 @@ def record_timing(session: Session, job_id: str, stage: str, seconds: float) -> 
 
 def set_transcript(session: Session, job_id: str, transcript: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(transcript=transcript))
+
+
+def job_state_counts(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
+    """How many of these jobs are in each state (farm/load.py watches a run with it)."""
+    counts: dict[str, int] = {}
+    for i in range(0, len(job_ids), 500):  # keep IN lists short on every backend
+        rows = session.execute(
+            select(Job.state, func.count())
+            .where(Job.id.in_(job_ids[i : i + 500]))
+            .group_by(Job.state)
+        ).all()
+        for state, n in rows:
+            counts[state] = counts.get(state, 0) + n
+    return counts
 
 
 def count_active_jobs(session: Session) -> int:
@@ -265,6 +281,16 @@ def progress(session: Session, job_id: str) -> Progress:
         chunks_done=count_done_chunks(session, job_id),
         chunks_total=job.chunks_total,
     )
+
+
+def chunks_done_by_job(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
+    """Done chunks per job, for a listing: one query, not two per row."""
+    rows = session.execute(
+        select(Chunk.job_id, func.count())
+        .where(Chunk.job_id.in_(job_ids), Chunk.state == "done")
+        .group_by(Chunk.job_id)
+    )
+    return {job_id: n for job_id, n in rows}
 
 
 # --- avatars ----------------------------------------------------------------
@@ -614,3 +640,47 @@ def batch_job_progress(session: Session, batch_id: str) -> list[tuple[str, int, 
         .where(Job.batch_id == batch_id)
     ).all()
     return [(state, int(n), int(total)) for state, n, total in rows]
+
+
+# --- the sweep (farm/sweep.py) -----------------------------------------------
+
+
+def stalled_jobs(session: Session, cutoff: datetime, running_since: datetime) -> Sequence[Job]:
+    """Active jobs with no sign of life since `cutoff`: the row unchanged, and no chunk
+    started or finished since (a long render updates its chunk rows, not the job), nor
+    one running since `running_since` (the broker redelivers those itself)."""
+    alive_chunk = exists().where(
+        Chunk.job_id == Job.id,
+        (Chunk.started_at >= cutoff)
+        | (Chunk.finished_at >= cutoff)
+        | ((Chunk.state == "running") & (Chunk.started_at >= running_since)),
+    )
+    return session.scalars(
+        select(Job)
+        .where(Job.state.in_(states.ACTIVE), Job.updated_at < cutoff, ~alive_chunk)
+        .order_by(Job.created_at)
+    ).all()
+
+
+def touch_job(session: Session, job_id: str, when: datetime) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(updated_at=when))
+
+
+def stalled_deliveries(session: Session, cutoff: datetime) -> Sequence[WebhookDelivery]:
+    """Pending deliveries untouched since `cutoff` whose next attempt (if one was
+    scheduled) was due before it: their message is gone."""
+    return session.scalars(
+        select(WebhookDelivery)
+        .where(
+            WebhookDelivery.state == "pending",
+            WebhookDelivery.updated_at < cutoff,
+            WebhookDelivery.next_attempt_at.is_(None) | (WebhookDelivery.next_attempt_at < cutoff),
+        )
+        .order_by(WebhookDelivery.created_at)
+    ).all()
+
+
+def touch_delivery(session: Session, delivery_id: str, when: datetime) -> None:
+    session.execute(
+        update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(updated_at=when)
+    )

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 
+from farm.config import Settings
 from farm.errors import InvalidInput
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 # Bidi overrides and isolates can make a script display differently from what is spoken.
 _BIDI = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+# Faster than any voice speaks (about 300 words a minute), so a script's estimated
+# duration is a lower bound: a script refused for its length would surely be too long.
+SPOKEN_CHARS_PER_SECOND = 25.0
+
+
+def read_limit(max_chars: int) -> int:
+    """Bytes worth reading of a script: a UTF-8 character is at most 4 bytes, plus a
+    3-byte BOM; one byte more shows the script is over the limit without reading it all."""
+    return max_chars * 4 + 4
 
 
 def decode_script(data: bytes, max_chars: int) -> str:
     """Bytes from a file or stdin to clean text, or InvalidInput with one clear line."""
     if b"\0" in data:
         raise InvalidInput("the script is binary data, not text")
+    if len(data) >= read_limit(max_chars):  # possibly cut short: do not decode the rest
+        raise InvalidInput(
+            f"the script has more than {max_chars} characters; the limit is {max_chars} "
+            "(FARM_MAX_SCRIPT_CHARS)"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -56,6 +72,31 @@ def split_script(text: str, max_chars: int, pause_ms: int) -> list[tuple[str, in
         raise InvalidInput("the script is empty: it has no words to speak")
     out[-1] = (out[-1][0], 0)
     return out
+
+
+def min_seconds(text: str, max_segment_chars: int, pause_ms: int) -> float:
+    """A lower bound of how long `text` takes to speak: its characters at the fastest
+    rate, plus the pauses between its segments (each paragraph adds one)."""
+    pauses = sum(p for _, p in split_script(text, max_segment_chars, pause_ms)) / 1000
+    return len(text) / SPOKEN_CHARS_PER_SECOND + pauses
+
+
+def check_frames(seconds: float, fps: int, max_frames: int, what: str, estimate: bool) -> None:
+    """Refuse a job whose video would have more than `max_frames` frames."""
+    frames = math.ceil(seconds * fps)
+    if frames > max_frames:
+        least = "at least " if estimate else ""
+        raise InvalidInput(
+            f"{what} makes a video of {least}{frames} frames ({seconds:.0f} s at {fps} fps); "
+            f"the limit is {max_frames} frames (FARM_MAX_JOB_FRAMES)"
+        )
+
+
+def check_script_frames(text: str, fps: int, settings: Settings, padding_s: float) -> None:
+    """At submission: refuse a script that surely makes more than FARM_MAX_JOB_FRAMES
+    frames (`padding_s`: the silence every job adds around its speech)."""
+    seconds = min_seconds(text, settings.max_segment_chars, settings.segment_pause_ms)
+    check_frames(seconds + padding_s, fps, settings.max_job_frames, "the script", estimate=True)
 
 
 def _sentences(paragraph: str, max_chars: int) -> list[str]:

@@ -16,10 +16,12 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from farm.config import mask_url
 from farm.errors import InvalidInput
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_URL_CHARS = 2000
 MAX_RESPONSE_BYTES = 64 * 1024  # the body is not used; read a little so the socket closes
 
 # Instance metadata services hand out cloud credentials: the classic SSRF prize.
@@ -38,8 +40,13 @@ class Target:
 
 
 def parse_target(url: str) -> Target:
-    """Syntax only: an http(s) URL with a host and no credentials."""
-    shown = url[:200]
+    """Syntax only: an http(s) URL with a host and no credentials, no whitespace or
+    control characters (urlsplit would drop some silently: 'exa\\nmple.com')."""
+    shown = mask_url(url)[:200]
+    if len(url) > MAX_URL_CHARS:
+        raise InvalidInput(f"webhook URL {shown!r}... is longer than {MAX_URL_CHARS} characters")
+    if any(not ch.isprintable() or ch.isspace() for ch in url):
+        raise InvalidInput(f"webhook URL {shown!r} contains whitespace or a control character")
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -16,9 +16,11 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 
 from farm import jobs, queries, states
+from farm.avatars import pixel_limit
 from farm.context import Context
 from farm.errors import Cancelled, InvalidInput, NotFound
 from farm.media import FrameEncoder, VideoFormat
+from farm.script import check_frames
 from farm.store import avatar_key, chunk_key, job_key
 from models import tts
 from models.base import AvatarArtifact, Phone, Plan, Renderer, Speech
@@ -114,6 +116,9 @@ def plan(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         parts.append((samples, rate, phones, pause_ms))
     samples, rate, phones = assemble_audio(parts, jobs.LEAD_IN_SECONDS, jobs.TAIL_SECONDS)
     seconds = len(samples) / rate
+    # Submission checked an estimate; the spoken length is exact. InvalidInput is a
+    # PermanentError: the job fails at once, with this reason.
+    check_frames(seconds, fps, ctx.settings.max_job_frames, "the speech", estimate=False)
     wav = io.BytesIO()
     tts.write_wav(tts.Speech(samples=samples, sample_rate=rate, phones=phones), wav)
     ctx.store.put_bytes(job_key(job_id, "audio.wav"), wav.getvalue())
@@ -260,7 +265,9 @@ def _read_photo(ctx: Context, source_key: str) -> np.ndarray:
     from PIL import Image
 
     data = ctx.store.get_bytes(source_key)
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    # The limit `farm avatar add` checked, not Pillow's own (which could be lower).
+    with pixel_limit(ctx.settings.max_photo_pixels):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def register_avatar(

@@ -66,6 +66,38 @@ def farm_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "farm", *args]
 
 
+def scheduling_env(tmp_path: Path, broker_url: str, database_url: str, **extra: str) -> dict:
+    """Environment of farm processes for a test about scheduling, not rendering: the
+    null renderer, real services, the local store under tmp_path (unless `extra`
+    names another)."""
+    env = {
+        **os.environ,
+        "FARM_HOME": str(tmp_path / "home"),
+        "FARM_BROKER_URL": broker_url,
+        "FARM_DATABASE_URL": database_url,
+        "FARM_RENDERER": "null",
+    }
+    env.pop("FARM_STORE_URL", None)
+    return {**env, **extra}
+
+
+def submit_script(env: dict[str, str], script: bytes, *args: str) -> subprocess.Popen:
+    """`farm submit -` with `script` on stdin and espeak at 64 px (fast, and the same
+    speech on every run), stdout and stderr piped: call communicate() on it."""
+    proc = subprocess.Popen(
+        farm_argv("submit", "-", "--voice", "espeak", "--size", "64", *args),
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(script)
+    proc.stdin.close()
+    proc.stdin = None  # communicate() must not flush it again
+    return proc
+
+
 class Workers:
     """`farm worker` processes, stopped with a warm shutdown at the end."""
 
@@ -73,11 +105,18 @@ class Workers:
         self.env, self.logs = env, logs
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, queues: str, concurrency: int = 1, **extra_env: str) -> None:
+    def start(
+        self,
+        name: str,
+        queues: str,
+        concurrency: int = 1,
+        loglevel: str = "INFO",
+        **extra_env: str,
+    ) -> None:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
             farm_argv(
-                "worker", "-Q", queues, "-c", str(concurrency), "-n", name, "--loglevel", "INFO"
+                "worker", "-Q", queues, "-c", str(concurrency), "-n", name, "--loglevel", loglevel
             ),
             env={**self.env, **extra_env},
             stdout=log,
@@ -102,6 +141,11 @@ class Workers:
             assert not dead, f"workers exited: {dead}; see {self.logs}"
         raise AssertionError(f"workers not ready: {sorted(want - seen)}; see {self.logs}")
 
+    def stop_one(self, name: str) -> None:
+        """A warm shutdown of one worker, which is then forgotten."""
+        os.killpg(self.procs[name].pid, signal.SIGTERM)
+        self.procs.pop(name).wait(timeout=60)
+
     def kill(self, name: str) -> None:
         os.killpg(self.procs[name].pid, signal.SIGKILL)
         self.procs[name].wait(timeout=30)
@@ -116,3 +160,26 @@ class Workers:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def running_chunk(url: str, timeout: float = 120) -> tuple[str, int, str]:
+    """The first chunk in state 'running' in the database at `url`: (job, idx, worker)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.text(
+                        "SELECT job_id, idx, worker FROM chunks WHERE state = 'running' "
+                        "ORDER BY started_at LIMIT 1"
+                    )
+                ).first()
+            if row:
+                return row[0], row[1], row[2]
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise AssertionError("no chunk started rendering")

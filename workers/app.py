@@ -6,10 +6,13 @@ same with the right options. Settings are read once, here, at process start-up.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
 from kombu import Queue
 
-from farm.config import Settings
+from farm.config import Settings, redact_logs
 from workers.beat import beat_schedule
 
 CPU_QUEUE = "cpu"
@@ -30,6 +33,18 @@ ROUTES = {
 def bulk_queue(task_name: str) -> str:
     """The bulk-lane queue of a task: render_bulk for chunks, cpu_bulk for the rest."""
     return BULK_QUEUES[RENDER_QUEUE if task_name == "farm.render" else CPU_QUEUE]
+
+
+# Publishing from a worker (the next stage, a retry, a webhook attempt) waits out a broker
+# restart, about two minutes, before the task fails: with Celery's default of under a
+# second, a chunk that finished while Redis restarted would fail its job. Elsewhere (the
+# CLI) the default stands, so `farm submit` against a broker that is down answers at once.
+WORKER_PUBLISH_RETRY = {
+    "max_retries": 60,
+    "interval_start": 0,
+    "interval_step": 1,
+    "interval_max": 2,
+}
 
 
 def make_app(settings: Settings) -> Celery:
@@ -62,6 +77,12 @@ def make_app(settings: Settings) -> Celery:
         },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
+        # A worker that lost its broker reconnects for as long as it takes (a supervisor
+        # restarting it would only wait the same way). The task it was running goes on;
+        # see tests/integration/test_restarts.py for what happens to its message.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Events for Flower: sent, started, succeeded, failed.
         task_send_sent_event=True,
         worker_send_task_events=True,
@@ -76,6 +97,20 @@ def make_app(settings: Settings) -> Celery:
         beat_schedule=beat_schedule(settings),
     )
     return app
+
+
+@worker_init.connect
+def _patient_publishing(sender: Any, **_: Any) -> None:
+    # Before the pool starts and before anything is sent: the policy is read when the
+    # app's task sender is made, on the first send.
+    sender.app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_secrets(logger: Any, **_: Any) -> None:
+    # Passwords, keys and tokens never reach a worker's log, at any --loglevel.
+    redact_logs(logger)
 
 
 settings = Settings.from_env()

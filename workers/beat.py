@@ -1,4 +1,5 @@
-"""The beat schedule: the nightly batch, when FARM_NIGHTLY_INBOX names an inbox.
+"""The beat schedule: the sweep for lost work (every FARM_SWEEP_SECONDS, farm/sweep.py),
+and the nightly batch when FARM_NIGHTLY_INBOX names an inbox.
 
 Beat must run as exactly one process (`celery -A workers.app beat`): two would fire
 every entry twice. The nightly task is idempotent, so a double firing submits nothing
@@ -15,6 +16,7 @@ from farm.config import Settings
 from farm.errors import InvalidInput
 
 NIGHTLY_TASK = "farm.nightly"
+SWEEP_TASK = "farm.sweep"
 _FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 
 
@@ -32,9 +34,18 @@ def parse_cron(text: str) -> crontab:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    schedule: dict[str, dict[str, Any]] = {
+        "farm-sweep": {
+            "task": SWEEP_TASK,
+            "schedule": float(settings.sweep_seconds),
+            # A sweep still queued when the next one fires is not needed twice.
+            "options": {"expires": float(settings.sweep_seconds)},
+        }
+    }
     if not settings.nightly_inbox:
-        return {}
+        return schedule
     return {
+        **schedule,
         "farm-nightly": {
             "task": NIGHTLY_TASK,
             "schedule": parse_cron(settings.nightly_cron),

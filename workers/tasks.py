@@ -9,15 +9,18 @@ Task ids are derived from (job, stage, index), so `farm cancel` can revoke them.
 from __future__ import annotations
 
 import logging
+import random
 from functools import cache
 from typing import Any
 
 from celery import Task
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from farm import batches, jobs
 from farm.context import Context
+from farm.db import OUTAGE_ERRORS
 from farm.errors import Cancelled, PermanentError, RetryableError
-from workers.app import app, bulk_queue, settings
+from workers.app import BULK_QUEUES, app, bulk_queue, settings
 
 log = logging.getLogger("farm.tasks")
 
@@ -32,14 +35,24 @@ def task_id(job_id: str, stage: str, idx: int | None = None) -> str:
     return f"{job_id}-{stage}" if idx is None else f"{job_id}-{stage}-{idx}"
 
 
-class FarmTask(Task):
-    """Retries transient errors with backoff; anything else fails the job, once."""
+# An outage (farm.db.OUTAGE_ERRORS: Postgres restarting, a dropped connection; or a
+# RetryableError: the store failing, a broker hiccup) is not the job's fault: the task
+# is retried with FARM_OUTAGE_RETRIES of its own patience (waits of 1, 2, 4 ... s up to
+# FARM_OUTAGE_MAX_DELAY, jittered so a fleet does not return in step), about 10 minutes
+# by default, before the job fails. Every stage is a guarded transition, so a task that
+# dies half-way (rolled back, or committed just before the connection went) does the
+# right thing when it runs again. The retry count is Celery's, shared with render's
+# retries of renderer errors (FARM_TASK_MAX_RETRIES).
+OUTAGES: tuple[type[Exception], ...] = (RetryableError, *OUTAGE_ERRORS)
 
-    autoretry_for = (RetryableError,)
-    retry_backoff = True
-    retry_backoff_max = 300
-    retry_jitter = True
-    max_retries = settings.task_max_retries
+
+def outage_delay(retries: int) -> float:
+    return min(2.0**retries, settings.outage_max_delay) * random.uniform(0.5, 1.0)
+
+
+class FarmTask(Task):
+    """Retries outages with backoff; anything else fails the job, once."""
+
     fails_job = True  # False for tasks whose first argument is not a job id
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -48,6 +61,12 @@ class FarmTask(Task):
         except Cancelled as exc:
             log.info("%s stopped: %s", self.name, exc)
             return None
+        except OUTAGES as exc:
+            raise self.retry(
+                exc=exc,
+                countdown=outage_delay(self.request.retries),
+                max_retries=settings.outage_retries,
+            ) from exc
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -55,6 +74,24 @@ class FarmTask(Task):
         job_id = args[0] if args else kwargs.get("job_id")
         if not self.fails_job or not job_id:
             return
+        if isinstance(exc, BrokerUnavailable):
+            # The broker stayed away longer than a worker's publish retry (workers/app.py)
+            # while this task queued the next step. What the task committed stands; only
+            # that message is lost, and the sweep (farm/sweep.py) queues the step again.
+            log.error(
+                "%s: job %s left to the sweep: broker unavailable: %s", self.name, job_id, exc
+            )
+            return
+        try:
+            self._fail_job(exc, job_id, args)
+        except OUTAGE_ERRORS as db_exc:
+            # Failing the job needs the database too: it stays in its stage, and the
+            # error is in this worker's log.
+            log.error(
+                "%s: could not fail job %s, database unavailable: %s", self.name, job_id, db_exc
+            )
+
+    def _fail_job(self, exc: BaseException, job_id: str, args: Any) -> None:
         stage = self.name.removeprefix("farm.")
         reason = str(exc) if isinstance(exc, PermanentError) else f"{type(exc).__name__}: {exc}"
         ctx = context()
@@ -80,8 +117,15 @@ def enqueue(
     which workers take from only when the interactive queues are empty."""
     stage = name.removeprefix("farm.")
     lane = {"queue": bulk_queue(name)} if bulk else {}  # else: the routes in workers/app.py
+    # ignore_result: outside a worker (the CLI), send_task would otherwise subscribe to a
+    # result that no task stores, and fail on that first when the broker is down.
     app.send_task(
-        name, args=(job_id, *args), task_id=task_id(job_id, stage, idx), priority=priority, **lane
+        name,
+        args=(job_id, *args),
+        task_id=task_id(job_id, stage, idx),
+        priority=priority,
+        ignore_result=True,
+        **lane,
     )
 
 
@@ -137,14 +181,18 @@ def plan(job_id: str) -> int:
     return len(ranges)
 
 
-# A renderer error may be transient (GPU memory, a driver hiccup): retried like an
-# outage, then the chunk and the job fail. Permanent errors and cancels are not retried.
+# A renderer error may be transient (GPU memory, a driver hiccup): retried
+# FARM_TASK_MAX_RETRIES times, then the chunk and the job fail. Permanent errors and
+# cancels are not retried; outages are retried by FarmTask, with their own patience;
+# a broker outage (mux could not be queued) is left to the sweep: a retry would find
+# the chunk done.
 @app.task(
     name="farm.render",
     base=FarmTask,
     bind=True,
     autoretry_for=(Exception,),
-    dont_autoretry_for=(PermanentError, Cancelled),
+    dont_autoretry_for=(PermanentError, Cancelled, BrokerUnavailable, *OUTAGES),
+    max_retries=settings.task_max_retries,
     retry_backoff=1,
 )
 def render(self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0) -> bool:
@@ -157,7 +205,8 @@ def render(self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0) -> 
 
 
 def resume(job_id: str, stage: str, items: list[tuple[int, ...]]) -> None:
-    """Queue what `farm retry` reopened: the unfinished members of one stage."""
+    """Queue the unfinished members of one stage: what `farm retry` reopened, or what
+    the sweep found stalled."""
     bulk = _bulk(job_id)
     if stage == "render":
         for idx, start, stop in items:
@@ -194,12 +243,48 @@ def nightly() -> int:
     """Beat's nightly firing: submit the inbox's new scripts as tonight's batch."""
     from farm import nightly as run
 
-    ctx = context()
-    result = run.run(ctx, enqueue_bulk_job)
-    # A completion whose report task was lost (a broker hiccup) is reported now.
+    return len(run.run(context(), enqueue_bulk_job).created)
+
+
+@app.task(name="farm.sweep", base=FarmTask, fails_job=False)
+def sweep() -> int:
+    """Beat's periodic look for work whose message was lost."""
+    return sweep_and_queue(context())
+
+
+def messages_waiting() -> int:
+    """Messages queued on farm's queues, every priority counted; on any broker."""
+    total = 0
+    with app.connection_for_read() as conn:
+        for name in BULK_QUEUES.keys() | BULK_QUEUES.values():
+            channel = conn.channel()
+            try:
+                total += channel.queue_declare(name, passive=True).message_count
+            except conn.channel_errors:
+                pass  # never declared: empty
+            finally:
+                channel.close()
+    return total
+
+
+def sweep_and_queue(ctx: Context) -> int:
+    """Queue again what the sweep finds stalled (farm/sweep.py); also `farm sweep`.
+    Returns how many jobs were resumed."""
+    from farm import sweep as found
+    from farm import webhooks
+
+    # While messages wait in a queue the farm is busy, not stuck: a job behind a long
+    # queue shows no sign of life either. Lost work is found once the queues drain.
+    stalled = [] if messages_waiting() else found.stalled_jobs(ctx)
+    for work in stalled:
+        log.warning("job %s stalled in %s; queued again", work.job_id, work.stage)
+        resume(work.job_id, work.stage, work.items)
+    for delivery_id, attempt in found.stalled_deliveries(ctx):
+        webhooks.send_task(delivery_id, attempt)
+    # A completed batch whose report task was lost is reported now.
     for batch_id in batches.unreported(ctx):
         app.send_task("farm.batch_completed", args=(batch_id,))
-    return len(result.created)
+    return len(stalled)
 
 
 # max_retries=None: the webhook retry schedule (FARM_WEBHOOK_RETRY_SCHEDULE) ends it.

@@ -90,3 +90,15 @@ def test_prepare_is_idempotent(db_ctx):
     with ctx.session() as s:
         assert len(queries.get_segments(s, job_id)) == 2
         assert queries.job_state(s, job_id) == states.SPEAKING
+
+
+def test_done_chunks_are_counted_per_job_in_one_listing(db_ctx):
+    ctx = db_ctx
+    a = _job_in(ctx, states.RENDERING, chunks=3)
+    b = _job_in(ctx, states.RENDERING, chunks=2)
+    idle = _job_in(ctx, states.QUEUED, chunks=0)
+    for job_id, idx in ((a, 0), (a, 2), (b, 1)):
+        jobs.chunk_finished(ctx, job_id, idx, 0.1)
+    with ctx.session() as s:
+        done = queries.chunks_done_by_job(s, [a, b, idle])
+    assert done == {a: 2, b: 1}  # a job with none done is simply absent

@@ -19,7 +19,15 @@ import sqlalchemy as sa
 from farm import migrate
 from tests.conftest import need_service
 from tests.probe import probe
-from tests.services import Workers, farm_argv, fresh_redis_db, redis_up
+from tests.services import (
+    Workers,
+    farm_argv,
+    fresh_redis_db,
+    redis_up,
+    running_chunk,
+    scheduling_env,
+    submit_script,
+)
 
 SCRIPT = b"A render worker dies in the middle of this chunk. Another one finishes the job."
 
@@ -28,69 +36,24 @@ SCRIPT = b"A render worker dies in the middle of this chunk. Another one finishe
 def farm_env(postgres_url: str, tmp_path: Path):
     need_service(redis_up(), "Redis at 127.0.0.1:6379")
     migrate.upgrade(postgres_url)
-    env = {
-        **os.environ,
-        "FARM_HOME": str(tmp_path / "home"),
-        "FARM_BROKER_URL": fresh_redis_db(15),
-        "FARM_DATABASE_URL": postgres_url,
-        "FARM_RENDERER": "null",
-        "FARM_NULL_FRAME_MS": "40",
-        # A killed worker's unacknowledged message comes back after this long.
-        "FARM_VISIBILITY_TIMEOUT": "8",
-    }
-    env.pop("FARM_STORE_URL", None)
-    yield env
+    # A killed worker's unacknowledged message comes back after FARM_VISIBILITY_TIMEOUT.
+    yield scheduling_env(
+        tmp_path,
+        fresh_redis_db(15),
+        postgres_url,
+        FARM_NULL_FRAME_MS="40",
+        FARM_VISIBILITY_TIMEOUT="8",
+    )
     fresh_redis_db(15)
 
 
 def _submit(env: dict[str, str], out: Path, wait: bool = True) -> subprocess.Popen:
-    # espeak: deterministic speech, so the clean and the killed run plan the same frames.
-    args = [
-        "submit",
-        "-",
-        "--voice",
-        "espeak",
-        "--size",
-        "64",
-        "--chunk-frames",
-        "25",
-        "--seed",
-        "5",
-    ]
+    # Piper speaks a text the same on every run, so the clean and the killed run plan
+    # the same frames (espeak-ng's timings move by about a millisecond).
+    args = ["--voice", "joe", "--chunk-frames", "25", "--seed", "5"]
     if wait:
         args += ["--wait", "--output", str(out)]
-    proc = subprocess.Popen(
-        farm_argv(*args),
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(SCRIPT)
-    proc.stdin.close()
-    proc.stdin = None  # communicate() must not flush it again
-    return proc
-
-
-def _running_chunk(url: str, timeout: float = 120) -> tuple[str, int, str]:
-    engine = sa.create_engine(url)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                row = conn.execute(
-                    sa.text(
-                        "SELECT job_id, idx, worker FROM chunks WHERE state = 'running' "
-                        "ORDER BY started_at LIMIT 1"
-                    )
-                ).first()
-            if row:
-                return row[0], row[1], row[2]
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
-    raise AssertionError("no chunk started rendering")
+    return submit_script(env, SCRIPT, *args)
 
 
 def _attempts(url: str, job_id: str) -> dict[int, int]:
@@ -127,7 +90,7 @@ def test_render_worker_killed_mid_chunk(farm_env, tmp_path, what):
 
         killed = tmp_path / "killed.mp4"
         proc = _submit(env, killed)
-        job_id, idx, worker = _running_chunk(env["FARM_DATABASE_URL"])
+        job_id, idx, worker = running_chunk(env["FARM_DATABASE_URL"])
         victim = worker.split("@")[0]
         main = psutil.Process(workers.procs[victim].pid)
         # `farm worker` execs celery: the process is the worker's main process.
@@ -157,7 +120,7 @@ def test_cancel_while_rendering_stops_everything_and_cleans_up(farm_env, tmp_pat
         proc = _submit(env, tmp_path / "unused.mp4", wait=False)
         out, _ = proc.communicate(timeout=60)
         job_id = out.decode().strip()
-        _running_chunk(url)
+        running_chunk(url)
         cancelled_at = time.time()
         cancel = subprocess.run(
             farm_argv("cancel", job_id),

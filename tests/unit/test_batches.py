@@ -341,7 +341,7 @@ def test_nightly_schedule_is_a_utc_crontab_only_with_an_inbox() -> None:
     from workers.app import make_app
     from workers.beat import beat_schedule, parse_cron
 
-    assert beat_schedule(Settings()) == {}
+    assert set(beat_schedule(Settings())) == {"farm-sweep"}  # the sweep runs always
     app = make_app(Settings(nightly_inbox="/srv/inbox", nightly_cron="30 1 * * 1-5"))
     entry = app.conf.beat_schedule["farm-nightly"]
     assert entry["task"] == "farm.nightly"
@@ -351,6 +351,14 @@ def test_nightly_schedule_is_a_utc_crontab_only_with_an_inbox() -> None:
     for bad in ("0 2 * *", "61 2 * * *", "every night"):
         with pytest.raises(InvalidInput, match="FARM_NIGHTLY_CRON"):
             parse_cron(bad)
+
+
+def test_beat_sweeps_for_lost_work_every_sweep_seconds() -> None:
+    from farm.config import Settings
+    from workers.app import make_app
+
+    entry = make_app(Settings(sweep_seconds=45)).conf.beat_schedule["farm-sweep"]
+    assert entry["task"] == "farm.sweep" and entry["schedule"] == 45.0
 
 
 def test_nightly_scan_takes_manifests_and_loose_scripts_once(tmp_path: Path) -> None:
