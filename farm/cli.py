@@ -1032,12 +1032,8 @@ def bench(
 
 def _bench_scaling(workers: str, frame_ms: str) -> list[dict[str, float]]:
     import contextlib
-    import signal
-    import subprocess
-    import tempfile
 
     from farm import bench as b
-    from farm import embedded
 
     ctx = make_context(start_runtime=False)
     if ctx.settings.embedded:
@@ -1045,27 +1041,14 @@ def _bench_scaling(workers: str, frame_ms: str) -> list[dict[str, float]]:
             "--workers measures a farm on real services: set FARM_BROKER_URL "
             "(and FARM_DATABASE_URL) first"
         )
-    logs = Path(tempfile.mkdtemp(prefix="farm-bench-"))
 
     @contextlib.contextmanager
     def start_workers(count: int, ms: int):  # type: ignore[no-untyped-def]
         env = {**os.environ, "FARM_NULL_FRAME_MS": str(ms), "FARM_RENDER_THREADS": "1"}
-        names = ["bench-cpu"] + [f"bench-render{i}" for i in range(count)]
-        procs = []
-        for name in names:
-            queue = "cpu" if name == "bench-cpu" else "render"
-            argv = embedded.worker_argv(
-                queue, 2 if queue == "cpu" else 1, f"{name}@%h", "WARNING", logs / f"{name}.log"
-            )
-            procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
-        try:
-            _wait_for_workers({f"{n}@" for n in names})
+        renders = [(f"bench-render{i}", "render", 1) for i in range(count)]
+        specs = [("bench-cpu", "cpu", 2), *renders]
+        with b.run_workers(specs, env, _wait_for_workers):
             yield
-        finally:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
-                p.wait(timeout=120)
 
     rows = []
     for ms in (int(v) for v in frame_ms.split(",")):
