@@ -39,6 +39,22 @@ def fresh_redis_db(db: int) -> str:
     return url
 
 
+def aws_test_env(key_id: str = "testing", secret: str = "testing") -> dict[str, str]:
+    """Credentials for moto, and nothing from a developer's ~/.aws or proxies leaking in."""
+    return {
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # A corporate proxy must not swallow loopback traffic (urllib and botocore both
+        # honour these).
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+
+
 @contextmanager
 def moto_s3(bucket: str) -> Iterator[str]:
     """A real HTTP S3 endpoint on loopback with `bucket` created; yields its URL."""

@@ -34,6 +34,7 @@ from tests.faultproxy import FaultProxy
 from tests.probe import probe
 from tests.services import (
     Workers,
+    aws_test_env,
     farm_argv,
     free_port,
     fresh_redis_db,
@@ -59,20 +60,6 @@ DEALT = {"503": "503", "hang": "hang", "refuse": "reset"}
 PERMANENT_S = 60
 
 
-def _aws_env(key_id: str = "test", secret: str = "test") -> dict[str, str]:
-    """Credentials for moto, and nothing from a developer's ~/.aws or proxies."""
-    return {
-        "AWS_ACCESS_KEY_ID": key_id,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-
-
 def _chunk_request(methods: str, bucket: str) -> bytes:
     """The request line of a chunk's upload (PUT, by render) or download (HEAD, GET,
     by mux), as the proxy sees it."""
@@ -89,7 +76,7 @@ def _base_env(postgres_url: str, tmp_path: Path, endpoint: str, bucket: str) -> 
         FARM_S3_REGION="us-east-1",
         FARM_NULL_FRAME_MS="40",
         PYTHONUNBUFFERED="1",  # `farm submit` prints the job id before it waits
-        **_aws_env(),
+        **aws_test_env(),
     )
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         env.pop(name, None)
@@ -303,7 +290,7 @@ def _moto_with_auth(log: Path) -> Iterator[str]:
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env={**os.environ, **_aws_env(), "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+            env={**os.environ, **aws_test_env(), "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
             stdout=subprocess.DEVNULL,
             stderr=log_file,
         )
@@ -375,7 +362,7 @@ def _use_credentials(mp: pytest.MonkeyPatch, key_id: str, secret: str) -> None:
     """For an S3Store in this process: boto3's usual chain, read afresh."""
     import boto3
 
-    for name, value in _aws_env(key_id, secret).items():
+    for name, value in aws_test_env(key_id, secret).items():
         mp.setenv(name, value)
     mp.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials it found
 
@@ -384,7 +371,7 @@ def test_wrong_secret_on_the_workers_fails_the_job_at_once(
     services: str, auth_s3: tuple[str, str, str, str], tmp_path: Path
 ) -> None:
     url, bucket, key_id, secret = auth_s3
-    env = {**_base_env(services, tmp_path, url, bucket), **_aws_env(key_id, secret)}
+    env = {**_base_env(services, tmp_path, url, bucket), **aws_test_env(key_id, secret)}
     # The workers were deployed with a stale secret; the CLI's is right, so the submit
     # goes through and the workers are the first to meet the refusal.
     logs = tmp_path / "logs"

@@ -31,6 +31,7 @@ from farm.config import Settings
 from farm.errors import InvalidInput, NotFound, PermanentError, RetryableError
 from farm.store import open_store
 from tests.conftest import need_service
+from tests.services import aws_test_env
 
 pytestmark = pytest.mark.integration
 
@@ -57,22 +58,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _aws_env(key_id: str = "testing", secret: str = "testing") -> dict[str, str]:
-    """Test credentials, and nothing from the developer's ~/.aws or proxies leaking in."""
-    return {
-        "AWS_ACCESS_KEY_ID": key_id,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        # A corporate proxy must not swallow loopback traffic (urllib and botocore both
-        # honour these).
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-
-
 @pytest.fixture(scope="module", autouse=True)
 def aws_env() -> Iterator[None]:
     # Module-scoped, so monkeypatch's function-scoped fixture cannot be used directly.
@@ -89,7 +74,7 @@ def aws_env() -> Iterator[None]:
             "https_proxy",
         ):
             mp.delenv(name, raising=False)
-        for name, value in _aws_env().items():
+        for name, value in aws_test_env().items():
             mp.setenv(name, value)
         _fresh_boto3_session(mp)
         yield
