@@ -15,8 +15,8 @@ from farm.context import Context
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def job_rows(home: Path) -> int:
-    """Job rows in an embedded default's SQLite database (0 if it was never made)."""
+def job_rows(home: Path, table: str = "jobs") -> int:
+    """Rows of `table` in an embedded default's SQLite database (0 if it was never made)."""
     import sqlalchemy as sa
 
     db = home / "farm.db"
@@ -24,7 +24,7 @@ def job_rows(home: Path) -> int:
         return 0
     engine = sa.create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
-        n = conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() or 0
+        n = conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() or 0
     engine.dispose()
     return n
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
 
 from farm import embedded
@@ -44,17 +43,6 @@ def env(tmp_path, monkeypatch):
 # --- what a case leaves behind ---------------------------------------------------
 
 
-def batch_rows(home: Path) -> int:
-    db = home / "farm.db"
-    if not db.exists():
-        return 0
-    engine = sa.create_engine(f"sqlite:///{db}")
-    with engine.connect() as conn:
-        n = conn.execute(sa.text("SELECT count(*) FROM batches")).scalar() or 0
-    engine.dispose()
-    return n
-
-
 def artifacts(home: Path) -> list[str]:
     root = home / "artifacts"
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -72,7 +60,7 @@ def refused(root: Path, argv: list[str], message: str, stdin: bytes = b"", code:
     assert all(line.startswith(f"{argv[2]}: ") for line in lines[:-1]), result.stderr
     assert message in result.stderr, result.stderr
     home = root / "home"
-    assert job_rows(home) == 0 and batch_rows(home) == 0
+    assert job_rows(home) == 0 and job_rows(home, "batches") == 0
     assert artifacts(home) == []
     assert embedded.running_pid(Settings(home=home)) is None
     return lines
