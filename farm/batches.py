@@ -130,14 +130,20 @@ def check(
         targets = queries.batch_targets(s, batch.id) if batch is not None else {}
     key_scope = scope or name
 
+    earlier = manifest.OutputKeys()
+    for target in targets:
+        earlier.add(target.removeprefix(output_key(name, "")), "a row submitted earlier")
+
     def taken(row: Row) -> str | None:
         holder = targets.get(output_key(name, row.output))
-        if holder is None or holder == manifest.row_key(key_scope, row, options.key_parts()):
-            return None
-        return (
-            f"output key {row.output!r} already belongs to a different row submitted "
-            f"earlier to batch {name}"
-        )
+        if holder is not None:
+            if holder == manifest.row_key(key_scope, row, options.key_parts()):
+                return None  # this very row, submitted again
+            return (
+                f"output key {row.output!r} already belongs to a different row submitted "
+                f"earlier to batch {name}"
+            )
+        return earlier.clash(row.output)
 
     def check_script(text: str) -> None:
         padding = jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
@@ -476,10 +482,27 @@ def report_csv(report: dict[str, Any]) -> str:
     writer = csv.DictWriter(out, fieldnames=REPORT_FIELDS, lineterminator="\n")
     writer.writeheader()
     for entry in report["jobs"]:
-        writer.writerow({k: "" if entry[k] is None else entry[k] for k in REPORT_FIELDS})
+        writer.writerow({k: csv_cell(entry[k]) for k in REPORT_FIELDS})
     for bad in report["invalid_rows"]:
-        writer.writerow({"row": bad["row"], "state": "invalid", "error": bad["reason"]})
+        row = {"row": bad["row"], "state": "invalid", "error": bad["reason"]}
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return out.getvalue()
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV
+# injection"); tab and carriage return start one in some of them too.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A report value as a CSV cell: None is empty, and text that a spreadsheet would
+    run as a formula (a file named '=1+1.txt') gets a leading ' so it is shown as
+    text. Numbers are left as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def unreported(ctx: Context) -> list[str]:

@@ -40,11 +40,19 @@ def _outage(exc: Exception) -> str | None:
 
     if isinstance(exc, sa_exc.ArgumentError | sa_exc.NoSuchModuleError):
         return f"FARM_DATABASE_URL is not a usable database URL: {exc}"
+    if isinstance(exc, sa_exc.DBAPIError) and _missing_table(exc):
+        return "the database has no farm tables yet: run 'farm db upgrade' first"
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         return f"the database is unavailable: {getattr(exc, 'orig', None) or exc}"
     if isinstance(exc, BrokerError):
         return f"the broker is unavailable: {exc}"
     return None
+
+
+def _missing_table(exc: Exception) -> bool:
+    """SQLite's 'no such table', Postgres's undefined_table (SQLSTATE 42P01)."""
+    orig = getattr(exc, "orig", None)
+    return "no such table" in str(orig) or getattr(orig, "sqlstate", None) == "42P01"
 
 
 def _id_prefix(pattern: str, what: str) -> Callable[[Any, Any, str], str]:
@@ -85,12 +93,12 @@ def make_context(start_runtime: bool = True) -> Context:
     """Settings read once; the embedded default is brought up on demand."""
     settings = Settings.from_env()
     ctx = Context(settings)
-    if settings.embedded:
+    if not settings.database_url:  # the SQLite file under FARM_HOME is farm's own
         _ensure_schema(ctx)
-        if start_runtime:
-            from farm import embedded
+    if settings.embedded and start_runtime:
+        from farm import embedded
 
-            embedded.ensure_running(settings)
+        embedded.ensure_running(settings)
     return ctx
 
 
@@ -173,10 +181,15 @@ def _read_script(source: str, settings: Settings) -> str:
         data = sys.stdin.buffer.read(limit)
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise InvalidInput(f"no such script file: {source}")
-        with path.open("rb") as fh:
-            data = fh.read(limit)
+        if not path.is_file():
+            raise InvalidInput(f"script {source} is not a regular file")
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(limit)
+        except OSError as exc:
+            raise InvalidInput(f"script {source} cannot be read: {exc.strerror}") from exc
     return decode_script(data, settings.max_script_chars)
 
 
@@ -206,7 +219,7 @@ def _check_seed(seed: int | None) -> None:
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="With --wait: copy the finished MP4 here.",
+    help="With --wait: copy the finished MP4 here (missing folders are created).",
 )
 @click.option(
     "--webhook",
@@ -236,6 +249,11 @@ def submit(
     settings = Settings.from_env()
     if (script is None) == (audio is None):
         raise InvalidInput("give exactly one of SCRIPT or --audio FILE")
+    if output is not None and not wait:
+        raise InvalidInput(
+            "--output needs --wait: without it farm does not stay to copy the video "
+            "(use 'farm fetch JOB PATH' once the job has finished)"
+        )
     _check_seed(seed)
     fps = settings.fps if fps is None else fps
     padding = jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
@@ -317,11 +335,20 @@ def _wait(ctx: Context, job_id: str, output: Path | None) -> None:
         raise FarmError(f"job {job_id} {job.state}: {job.error or 'no reason recorded'}")
     assert job.output_key
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        ctx.store.get_file(job.output_key, output)
-        click.echo(str(output))
+        _save_output(ctx, job, output)
     else:
         click.echo(ctx.store.url(job.output_key))
+
+
+def _save_output(ctx: Context, job: Any, dest: Path) -> None:
+    """Copy a finished job's MP4 to DEST; the job keeps it whatever happens here."""
+    from farm.store import write_user_file
+
+    try:
+        write_user_file(dest, lambda path: ctx.store.get_file(job.output_key, path))
+    except InvalidInput as exc:
+        raise InvalidInput(f"{exc}; the video is kept: farm fetch {job.id} PATH") from exc
+    click.echo(str(dest))
 
 
 class _ProgressLine:
@@ -362,6 +389,9 @@ class _ProgressLine:
 # --- jobs -------------------------------------------------------------------
 
 
+MAX_LISTED = 100_000  # `farm jobs --limit`: more is no longer a listing
+
+
 def _fmt_seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
@@ -399,7 +429,7 @@ def status(job_id: str) -> None:
 
 
 @main.command(name="jobs")
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LISTED), default=20, show_default=True)
 @click.option(
     "--state",
     type=click.Choice(states.PIPELINE + (states.FAILED, states.CANCELLED)),
@@ -550,6 +580,10 @@ def avatar_show(name: str) -> None:
     ctx = make_context(start_runtime=False)
     with ctx.session() as s:
         row = queries.get_avatar(s, name)
+    if row is None and name in jobs.BUILTIN_AVATARS:
+        click.echo(f"name      {name}\nrenderer  {ctx.settings.renderer}")
+        click.echo("source    built in: registered by the first job that uses it")
+        return
     if row is None:
         raise NotFound(f"unknown avatar {name!r}")
     click.echo(
@@ -812,8 +846,9 @@ def batch_report(name: str, fmt: str, output: Path | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
+        from farm.store import write_user_file
+
+        write_user_file(output, lambda path: path.write_text(text, encoding="utf-8"))
         click.echo(str(output))
 
 
@@ -1000,7 +1035,6 @@ def bench(
     """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio;
     with --workers, render-worker scaling and the per-chunk overhead instead; with
     --load, a farm under N jobs submitted at once."""
-    import json
 
     from farm import bench as b
 
@@ -1008,13 +1042,13 @@ def bench(
         result = _bench_load(load_jobs)
         click.echo(b.format_load(result))
         if json_out:
-            json_out.write_text(json.dumps({"load": result.figures()}, indent=2))
+            _write_json(json_out, {"load": result.figures()})
         return
     if workers:
         rows = _bench_scaling(workers, frame_ms)
         click.echo(b.format_scaling(rows))
         if json_out:
-            json_out.write_text(json.dumps({"scaling": rows}, indent=2))
+            _write_json(json_out, {"scaling": rows})
         return
 
     script = script or b.DEFAULT_SCRIPT
@@ -1027,7 +1061,16 @@ def bench(
         e2e_row = b.end_to_end(ctx, _celery().enqueue, text, runs)
     click.echo(b.format_report(stages, e2e_row))
     if json_out:
-        json_out.write_text(json.dumps({"stages": stages, "e2e": e2e_row}, indent=2))
+        _write_json(json_out, {"stages": stages, "e2e": e2e_row})
+
+
+def _write_json(dest: Path, figures: dict[str, Any]) -> None:
+    import json
+
+    from farm.store import write_user_file
+
+    text = json.dumps(figures, indent=2)
+    write_user_file(dest, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 def _bench_scaling(workers: str, frame_ms: str) -> list[dict[str, float]]:
@@ -1102,8 +1145,7 @@ def fetch_output(job_id: str, dest: Path) -> None:
         job = queries.find_job_by_prefix(s, job_id)
     if not job.output_key:
         raise InvalidInput(f"job {job.id} has no output (state {job.state})")
-    ctx.store.get_file(job.output_key, dest)
-    click.echo(str(dest))
+    _save_output(ctx, job, dest)
 
 
 if __name__ == "__main__":

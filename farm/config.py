@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,45 @@ class Settings:
             if raw is None or raw == "":
                 continue
             kwargs[f.name] = _coerce(f.name, f.type, raw)
-            if f.name in _LIMITS and kwargs[f.name] <= 0:
-                raise InvalidInput(f"FARM_{f.name.upper()} must be positive, got {raw!r}")
-        return cls(**kwargs)
+        settings = cls(**kwargs)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse, at start-up, a setting that cannot work: a job would be accepted and
+        then fail (an unknown renderer or device), or a worker would misbehave (a zero
+        visibility timeout re-delivers every task at once)."""
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise InvalidInput(
+                    f"FARM_{name.upper()} must be positive, got {getattr(self, name)!r}"
+                )
+        for name in _NOT_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise InvalidInput(
+                    f"FARM_{name.upper()} must be 0 or more, got {getattr(self, name)!r}"
+                )
+        for name in ("home", "model_dir"):
+            path = getattr(self, name)
+            if path.exists() and not path.is_dir():
+                raise InvalidInput(f"FARM_{name.upper()} {path} exists and is not a directory")
+        from models.registry import RENDERERS  # names only: no backend is imported
+
+        if self.renderer not in RENDERERS:
+            raise InvalidInput(
+                f"FARM_RENDERER {self.renderer!r} is not a renderer; "
+                f"choose one of {', '.join(RENDERERS)}"
+            )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InvalidInput(f"FARM_DEVICE {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.broker_url:
+            scheme = self.broker_url.partition("://")[0]
+            if "://" not in self.broker_url or scheme not in BROKER_SCHEMES:
+                raise InvalidInput(
+                    f"FARM_BROKER_URL {mask_url(self.broker_url)!r} is not a broker URL; "
+                    f"use one of {', '.join(s + '://' for s in BROKER_SCHEMES)}"
+                )
+        check_cron(self.nightly_cron)
 
     def describe(self) -> dict[str, str]:
         """Effective settings for display, with passwords in URLs masked."""
@@ -144,16 +181,66 @@ class Settings:
         return {f"FARM_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
 
 
-_LIMITS = frozenset(
-    {
-        "max_script_chars",
-        "max_segment_chars",
-        "max_audio_seconds",
-        "max_photo_pixels",
-        "max_job_frames",
-        "max_batch_jobs",
-    }
+# Settings that only make sense above zero, and those that may also be 0.
+_POSITIVE = (
+    "max_script_chars",
+    "max_segment_chars",
+    "max_audio_seconds",
+    "max_photo_pixels",
+    "max_job_frames",
+    "max_batch_jobs",
+    "presign_seconds",
+    "fps",
+    "size",
+    "chunk_frames",
+    "render_batch",
+    "render_threads",
+    "render_concurrency",
+    "cpu_concurrency",
+    "outage_max_delay",
+    "visibility_timeout",
+    "embedded_idle_seconds",
+    "sweep_seconds",
+    "webhook_timeout",
 )
+_NOT_NEGATIVE = ("segment_pause_ms", "task_max_retries", "outage_retries", "stall_seconds")
+# Brokers farm runs on: Redis (the embedded default is redis+socket) and AMQP.
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
+
+# A crontab's five fields: (name, lowest, highest, names usable in place of numbers).
+_CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, tuple("jan feb mar apr may jun jul aug sep oct nov dec".split())),
+    ("day of week", 0, 7, tuple("sun mon tue wed thu fri sat".split())),
+)
+
+
+def check_cron(text: str) -> None:
+    """Refuse a crontab beat could not run ('99 * * * *'): five fields of '*', numbers
+    in range, a-b ranges, /steps and lists; months and weekdays also by name."""
+    parts = text.split()
+    if len(parts) != len(_CRON_FIELDS):
+        raise InvalidInput(
+            f"FARM_NIGHTLY_CRON must have 5 fields (minute hour day month weekday), got {text!r}"
+        )
+    for part, (what, low, high, names) in zip(parts, _CRON_FIELDS, strict=True):
+        for item in part.split(","):
+            span, _, step = item.partition("/")
+            values = [] if span == "*" else span.split("-")
+            ok = len(values) <= 2 and (not step or step.isdigit() and int(step) > 0)
+            for value in values:
+                number = names.index(value.lower()) + low if value.lower() in names else None
+                if number is None and value.isdigit():
+                    number = int(value)
+                ok = ok and number is not None and low <= number <= high
+            if not ok:
+                raise InvalidInput(
+                    f"FARM_NIGHTLY_CRON {text!r}: {item!r} is not a valid {what} ({low}-{high})"
+                )
+
+
 # Credentials farm never holds itself but hands on to boto3 and the like.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -202,7 +289,7 @@ def _secrets(values: list[str]) -> list[str]:
 def known_secrets(env: dict[str, str] | None = None) -> list[str]:
     """The secrets of this process's configuration, read leniently: for scrubbing error
     messages even when the settings themselves do not load."""
-    values = _read_dotenv(Path.cwd() / ".env")
+    values = _read_dotenv(Path.cwd() / ".env", strict=False)
     values.update(os.environ if env is None else env)
     urls = ("DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "STORE_URL")
     return _secrets(
@@ -264,11 +351,22 @@ def _coerce(name: str, type_: Any, raw: str) -> Any:
     return raw
 
 
-def _read_dotenv(path: Path) -> dict[str, str]:
+def _read_dotenv(path: Path, strict: bool = True) -> dict[str, str]:
+    """KEY=value lines of a .env file. Bytes that are not UTF-8 are an InvalidInput that
+    names the line; `strict=False` reads them as U+FFFD instead (for scrubbing secrets
+    from an error message, which must not fail itself)."""
     if not path.is_file():
         return {}
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if strict:
+            line = data[: exc.start].count(b"\n") + 1
+            raise InvalidInput(f"{path} is not valid UTF-8 (line {line})") from exc
+        text = data.decode("utf-8", errors="replace")
     values: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue

@@ -338,25 +338,58 @@ def check_rows(
     key repeats an earlier one is a problem that names the earlier row; `taken` says
     why a row's output is already someone else's (an earlier submission's)."""
     result = Checked()
-    seen: dict[str, str] = {}
+    outputs = OutputKeys()
     for raw in rows:
         try:
             row = check_row(raw, base, defaults, max_chars, check_job, check_script)
         except FarmError as exc:
             result.problems.append(Problem(raw.where, str(exc), raw.line))
             continue
-        first = seen.get(row.output)
-        if first is not None:
-            reason = f"output key {row.output!r} is already used by {first}"
+        reason = outputs.clash(row.output) or taken(row)
+        if reason:
             result.problems.append(Problem(raw.where, reason, raw.line))
             continue
-        elsewhere = taken(row)
-        if elsewhere:
-            result.problems.append(Problem(raw.where, elsewhere, raw.line))
-            continue
-        seen[row.output] = row.where
+        outputs.add(row.output, row.where)
         result.rows.append(row)
     return result
+
+
+def folders_of(key: str) -> list[str]:
+    """'a/b/c.mp4' -> ['a', 'a/b']: the folders a key needs in a file store."""
+    parts = key.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+class OutputKeys:
+    """Output keys taken so far, and by whom. A key clashes with an equal key, and also
+    with a key that needs it as a folder ('x' and 'x/y.mp4'): a file store cannot hold
+    both, and S3 could, so both stores refuse the pair alike."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+        self.folders: dict[str, str] = {}
+
+    def add(self, key: str, owner: str) -> None:
+        self.files[key] = owner
+        for folder in folders_of(key):
+            self.folders.setdefault(folder, owner)
+
+    def clash(self, key: str) -> str | None:
+        """Why `key` cannot be added, or None."""
+        if key in self.files:
+            return f"output key {key!r} is already used by {self.files[key]}"
+        if key in self.folders:
+            return (
+                f"output key {key!r} is a folder of the output of {self.folders[key]}; "
+                "a file and a folder cannot share a name"
+            )
+        for folder in folders_of(key):
+            if folder in self.files:
+                return (
+                    f"output key {key!r} needs {folder!r} as a folder, but that is the "
+                    f"output of {self.files[folder]}"
+                )
+        return None
 
 
 # --- idempotency ------------------------------------------------------------

@@ -167,7 +167,10 @@ class S3Store:
 
     @_sorted_errors
     def get_file(self, key: str, dest: Path) -> Path:
-        self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
+        # Into an open file, not download_file's temp file + rename: DEST may be a
+        # device or pipe the user named (/dev/stdout), which a rename would replace.
+        with open(dest, "wb") as fh:
+            self.client.download_fileobj(self.bucket, self._key(key), fh, Config=self.transfer)
         return dest
 
     @_sorted_errors

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
@@ -109,6 +110,28 @@ class LocalStore:
 
     def url(self, key: str) -> str:
         return str(self._path(key))
+
+
+def write_user_file(dest: Path, write: Callable[[Path], object]) -> Path:
+    """Write a file the user named (`--output`, `farm fetch DEST`) with `write(dest)`.
+
+    One rule everywhere: missing folders above DEST are created. Any failure (a full
+    disk, a read-only folder, a folder where the file should go) is one InvalidInput
+    that names DEST, and leaves no partial file behind. A device or pipe (/dev/stdout)
+    is written in place, never replaced."""
+    if dest.is_dir():
+        raise InvalidInput(f"cannot write {dest}: it is a directory")
+    created = not dest.exists()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write(dest)
+    except BaseException as exc:
+        if created and dest.is_file():
+            dest.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise InvalidInput(f"cannot write {dest}: {exc.strerror or exc}") from exc
+        raise
+    return dest
 
 
 def open_store(settings: Settings) -> Store:

@@ -28,6 +28,7 @@ MAX_RESPONSE_BYTES = 64 * 1024  # the body is not used; read a little so the soc
 METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
     {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 )
+LIMITED_BROADCAST = ipaddress.ip_address("255.255.255.255")  # Python calls it "private"
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def refusal(address: IPAddress) -> str | None:
         (address.is_loopback, "loopback"),
         (address.is_link_local, "link-local"),
         (address.is_multicast, "multicast"),
+        (address == LIMITED_BROADCAST, "broadcast"),
         (address.is_private, "private"),
         (address.is_reserved, "reserved"),
         (not address.is_global, "non-public"),
@@ -119,12 +121,16 @@ def refusal(address: IPAddress) -> str | None:
     return next((why for hit, why in checks if hit), None)
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def check_address(host: str, address: IPAddress, allowlist: Allowlist) -> None:
     reason = refusal(address)
     if reason and not allowlist.allows(host, address):
         raise InvalidInput(
-            f"webhook host {host} is {address}, a {reason} address; refused unless "
-            f"FARM_WEBHOOK_ALLOWLIST names it"
+            f"webhook host {host} is {address}, {_article(reason)} {reason} address; "
+            "refused unless FARM_WEBHOOK_ALLOWLIST names it"
         )
 
 

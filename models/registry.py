@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from farm.errors import InvalidInput, MissingDependency
-from models.base import Renderer
+
+if TYPE_CHECKING:  # the control plane reads RENDERERS without the backends' imports
+    from models.base import Renderer
 
 # name -> (module:class, the pip extra or package that provides its dependencies,
 #          whether it runs on torch: only then is torch imported and its threads set)

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 
 from farm import jobs, queries, states
-from farm.avatars import pixel_limit
+from farm.avatars import photo_rgb
 from farm.context import Context
 from farm.errors import Cancelled, InvalidInput, NotFound
 from farm.media import FrameEncoder, VideoFormat
@@ -262,12 +262,9 @@ def _avatar_from_photo(ctx: Context, renderer_name: str, source_key: str) -> Ava
 
 
 def _read_photo(ctx: Context, source_key: str) -> np.ndarray:
-    from PIL import Image
-
     data = ctx.store.get_bytes(source_key)
     # The limit `farm avatar add` checked, not Pillow's own (which could be lower).
-    with pixel_limit(ctx.settings.max_photo_pixels):
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return photo_rgb(data, ctx.settings.max_photo_pixels)
 
 
 def register_avatar(

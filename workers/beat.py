@@ -12,7 +12,7 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from farm.config import Settings
+from farm.config import Settings, check_cron
 from farm.errors import InvalidInput
 
 NIGHTLY_TASK = "farm.nightly"
@@ -21,14 +21,11 @@ _FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 
 
 def parse_cron(text: str) -> crontab:
-    """'0 2 * * *' (minute hour day-of-month month day-of-week) to a celery crontab."""
-    parts = text.split()
-    if len(parts) != len(_FIELDS):
-        raise InvalidInput(
-            f"FARM_NIGHTLY_CRON must have 5 fields (minute hour day month weekday), got {text!r}"
-        )
+    """'0 2 * * *' (minute hour day-of-month month day-of-week) to a celery crontab;
+    the text was checked with the settings (farm.config.check_cron)."""
+    check_cron(text)
     try:
-        return crontab(**dict(zip(_FIELDS, parts, strict=True)))
+        return crontab(**dict(zip(_FIELDS, text.split(), strict=True)))
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"FARM_NIGHTLY_CRON {text!r} is not a valid crontab: {exc}") from exc
 
@@ -52,5 +49,5 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             # A firing nobody picked up within the hour is dropped; the next one
             # finds the same inbox anyway.
             "options": {"expires": 3600},
-        }
+        },
     }

@@ -120,6 +120,57 @@ SCRIPT_CASES = [
     ("seed out of range", b"Hello.", ["--seed", "9" * 30], {}, "seed must be within"),
     ("negative seed", b"Hello.", ["--seed", "-1"], {}, "seed must be within"),
     ("bad limit setting", b"Hello.", [], {"FARM_MAX_JOB_FRAMES": "0"}, "must be positive"),
+    (
+        "output without wait",  # nothing would stay to write it
+        b"Hello.",
+        ["--output", "x.mp4"],
+        {},
+        "--output needs --wait",
+    ),
+    # Settings that cannot work are refused at start-up, not when a job reaches plan.
+    (
+        "unknown renderer",
+        b"Hello.",
+        [],
+        {"FARM_RENDERER": "bogus"},
+        "FARM_RENDERER 'bogus' is not a renderer; choose one of portrait, null",
+    ),
+    ("unknown device", b"Hello.", [], {"FARM_DEVICE": "tpu"}, "FARM_DEVICE 'tpu' is not auto"),
+    (
+        "cron minute out of range",
+        b"Hello.",
+        [],
+        {"FARM_NIGHTLY_CRON": "99 * * * *"},
+        "'99' is not a valid minute (0-59)",
+    ),
+    (
+        "cron with four fields",
+        b"Hello.",
+        [],
+        {"FARM_NIGHTLY_CRON": "0 2 * *"},
+        "FARM_NIGHTLY_CRON must have 5 fields",
+    ),
+    (
+        "zero visibility timeout",
+        b"Hello.",
+        [],
+        {"FARM_VISIBILITY_TIMEOUT": "0"},
+        "FARM_VISIBILITY_TIMEOUT must be positive, got 0",
+    ),
+    (
+        "negative retries",
+        b"Hello.",
+        [],
+        {"FARM_TASK_MAX_RETRIES": "-1"},
+        "FARM_TASK_MAX_RETRIES must be 0 or more",
+    ),
+    (
+        "not a broker URL",
+        b"Hello.",
+        [],
+        {"FARM_BROKER_URL": "bogus://x"},
+        "FARM_BROKER_URL 'bogus://x' is not a broker URL",
+    ),
 ]
 
 
@@ -142,6 +193,48 @@ def test_missing_script_file(env):
     refused(env, ["submit", str(env / "nope.txt")], "no such script file")
 
 
+@pytest.mark.parametrize("target", ["scripts", "/dev/null"])
+def test_a_script_that_is_not_a_regular_file_is_called_that(env, target):
+    (env / "scripts").mkdir()
+    refused(env, ["submit", target], f"script {target} is not a regular file")
+
+
+def test_farm_home_that_is_a_regular_file(env, monkeypatch):
+    (env / "home-file").write_bytes(b"")
+    monkeypatch.setenv("FARM_HOME", str(env / "home-file"))
+    (env / "s.txt").write_bytes(b"Hello.")
+    refused(env, ["submit", "s.txt"], "home-file exists and is not a directory")
+
+
+def test_a_dotenv_that_is_not_utf8(env):
+    (env / ".env").write_bytes(b"FARM_FPS=25\nFARM_VOICE=caf\xe9\n")
+    (env / "s.txt").write_bytes(b"Hello.")
+    lines = refused(env, ["submit", "s.txt"], ".env is not valid UTF-8 (line 2)")
+    assert len(lines) == 1
+
+
+def test_a_fresh_home_with_an_unreachable_broker_names_the_broker(env, monkeypatch):
+    """The default SQLite database is farm's own, so its tables are made whatever the
+    broker: the error is about the broker, not 'no such table'."""
+    monkeypatch.setenv("FARM_BROKER_URL", "redis://127.0.0.1:9/0")
+    (env / "s.txt").write_bytes(b"Hello.")
+    lines = refused(env, ["submit", "s.txt"], "could not queue the job")
+    assert "no such table" not in lines[-1] and "127.0.0.1:9" in lines[-1]
+
+
+def test_a_configured_database_without_tables_says_to_upgrade(env, monkeypatch):
+    monkeypatch.setenv("FARM_DATABASE_URL", f"sqlite:///{env / 'empty.db'}")
+    monkeypatch.setenv("FARM_BROKER_URL", "redis://127.0.0.1:9/0")
+    refused(env, ["jobs"], "the database has no farm tables yet: run 'farm db upgrade' first")
+
+
+def test_builtin_avatar_shows_on_a_fresh_home(env):
+    result = CliRunner().invoke(main, ["avatar", "show", "demo"])
+    assert result.exit_code == 0, result.output
+    assert "name      demo" in result.stdout and "built in" in result.stdout
+    assert job_rows(env / "home") == 0
+
+
 # --- webhook targets ---------------------------------------------------------------
 
 # label, URL, message
@@ -156,7 +249,9 @@ WEBHOOK_CASES = [
     ("private 10/8", "https://10.1.2.3/hook", "private"),
     ("private 192.168/16", "http://192.168.0.10/", "private"),
     ("link-local", "http://169.254.10.10/", "link-local"),
-    ("unspecified", "http://0.0.0.0/", "unspecified"),
+    ("unspecified", "http://0.0.0.0/", "0.0.0.0, an unspecified address"),
+    ("broadcast", "http://255.255.255.255/", "255.255.255.255, a broadcast address"),
+    ("private 172.16/12", "http://172.16.0.9/", "172.16.0.9, a private address"),
     ("file scheme", "file:///etc/passwd", "only http and https"),
     ("gopher scheme", "gopher://example.com/", "only http and https"),
     ("javascript", "javascript:alert(1)", "only http and https"),
@@ -414,6 +509,22 @@ MANIFEST_CASES = [
         "already used by line 2",
     ),
     (
+        "output is a folder of a later output",
+        {"m.csv": (CSV_HEAD + "Hello.,x\nBye.,x/y.mp4\n").encode()},
+        "m.csv",
+        [],
+        {},
+        "line 3: output key 'x/y.mp4' needs 'x' as a folder, but that is the output of line 2",
+    ),
+    (
+        "output is a folder of an earlier output",
+        {"m.csv": (CSV_HEAD + "Bye.,x/y/z.mp4\nHello.,x/y\n").encode()},
+        "m.csv",
+        [],
+        {},
+        "line 3: output key 'x/y' is a folder of the output of line 2",
+    ),
+    (
         "avatar dot-dot",
         {"m.csv": b"text,avatar\nHi.,../x\n"},
         "m.csv",
@@ -542,6 +653,8 @@ def test_bad_manifests(env, monkeypatch, label, files, manifest, extra, settings
         (["fetch", "ab\0", "out.mp4"], "is not a job id"),
         (["webhooks", "list", "a%"], "is not a job id"),
         (["webhooks", "redeliver", "msg_%"], "is not a webhook delivery id"),
+        (["jobs", "--limit", "9" * 20], "is not in the range 1<=x<=100000"),
+        (["jobs", "--limit", "0"], "is not in the range"),
     ],
 )
 def test_usage_errors_are_one_line_too(env, argv, message):

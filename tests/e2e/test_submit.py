@@ -136,3 +136,42 @@ def test_avatar_add_registers_a_photo_and_refuses_one_without_a_face(home, tmp_p
     assert not (home / "artifacts" / "avatars" / "wall").exists() or not any(
         (home / "artifacts" / "avatars" / "wall").rglob("*.*")
     )
+
+
+def test_fetch_creates_folders_and_a_write_that_fails_is_one_line(home, rendered, tmp_path):
+    """One rule for every path the user names: missing folders are created (as with
+    `submit --output`); a write that fails is one line, and the job keeps its video."""
+    job_id, out, _ = rendered
+    nested = tmp_path / "new" / "dir" / "x.mp4"
+    fetched = farm(home, "fetch", job_id, str(nested))
+    assert fetched.returncode == 0, fetched.stderr.decode()
+    assert nested.read_bytes() == out.read_bytes()
+    for dest in ("/dev/full", str(out / "inside-a-file.mp4")):
+        failed = farm(home, "fetch", job_id, dest)
+        lines = failed.stderr.decode().splitlines()
+        assert failed.returncode == 1 and failed.stdout == b"", lines
+        assert len(lines) == 1 and lines[0].startswith(f"farm: error: cannot write {dest}: ")
+        assert f"the video is kept: farm fetch {job_id} PATH" in lines[0]
+    assert Path("/dev/full").is_char_device()
+
+
+def test_submit_wait_output_to_a_full_disk_is_one_line_and_the_job_succeeds(home):
+    proc = farm(home, "submit", "-", "--wait", "--output", "/dev/full", stdin=b"Hi.")
+    lines = proc.stderr.decode().splitlines()
+    assert proc.returncode == 1, lines
+    assert lines[-1].startswith("farm: error: cannot write /dev/full: No space left on device")
+    job_id = proc.stdout.decode().split()[0]
+    assert "succeeded" in farm(home, "status", job_id).stdout.decode()
+
+
+def test_a_16_bit_greyscale_photo_registers_like_its_8_bit_copy(home, tmp_path):
+    from PIL import Image
+    from skimage.data import astronaut
+
+    grey = np.asarray(Image.fromarray(astronaut()).convert("L"))
+    photo = tmp_path / "grey16.png"
+    Image.fromarray(grey.astype(np.uint16) * 257).save(photo)
+    assert Image.open(photo).mode.startswith("I")
+    added = farm(home, "avatar", "add", "grey16", "--photo", str(photo))
+    assert added.returncode == 0, added.stderr.decode()
+    assert "512x512" in farm(home, "avatar", "show", "grey16").stdout.decode()

@@ -8,6 +8,8 @@ queues is exercised with real workers in test_priority.py)."""
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import threading
 import time
@@ -351,6 +353,46 @@ def test_status_and_report_commands(ctx: Context, cli: tuple[CliRunner, Queued])
     assert [j["state"] for j in json.loads(out.read_text())["jobs"]] == ["succeeded", "failed"]
     missing = runner.invoke(main, ["batch", "status", "nope"])
     assert missing.exit_code == 1 and missing.stderr == "farm: error: no batch named 'nope'\n"
+
+
+def test_report_cells_from_file_names_are_not_formulas(
+    ctx: Context, cli: tuple[CliRunner, Queued], tmp_path: Path
+) -> None:
+    """The hostile-input run's repro: a script named '=1+1.txt' in a directory batch."""
+    runner, _ = cli
+    for name in ("=1+1.txt", "@SUM(A1).txt", "plain.txt"):
+        write(tmp_path / "d" / name, "Hi.")
+    submitted = runner.invoke(main, ["batch", "submit", str(tmp_path / "d"), "--name", "b9"])
+    assert submitted.exit_code == 0, submitted.output
+    report = runner.invoke(main, ["batch", "report", "b9", "--format", "csv"])
+    assert report.exit_code == 0, report.output
+    cells = [cell for row in csv.reader(io.StringIO(report.stdout)) for cell in row]
+    assert "'=1+1.txt" in cells and "'=1+1.mp4" in cells and "'@SUM(A1).txt" in cells
+    assert "plain.txt" in cells
+    assert not any(c.startswith(("=", "+", "@")) for c in cells)
+
+    full = runner.invoke(main, ["batch", "report", "b9", "--output", "/dev/full"])
+    assert full.exit_code == 1 and full.stdout == ""
+    assert full.stderr == "farm: error: cannot write /dev/full: No space left on device\n"
+    nested = tmp_path / "reports" / "new" / "b9.csv"
+    made = runner.invoke(main, ["batch", "report", "b9", "--output", str(nested)])
+    assert made.exit_code == 0 and nested.read_text() == report.stdout
+
+
+def test_an_output_that_is_a_folder_of_an_earlier_submission_is_refused(
+    ctx: Context, cli: tuple[CliRunner, Queued], tmp_path: Path
+) -> None:
+    runner, queued = cli
+    first = write(tmp_path / "m1.csv", "text,output\nHello.,x\n")
+    assert runner.invoke(main, ["batch", "submit", str(first), "--name", "b10"]).exit_code == 0
+    second = write(tmp_path / "m2.csv", "text,output\nBye.,x/y.mp4\nFine.,z.mp4\n")
+    refused = runner.invoke(main, ["batch", "submit", str(second), "--name", "b10"])
+    assert refused.exit_code == 1
+    assert (
+        "line 2: output key 'x/y.mp4' needs 'x' as a folder, but that is the output of "
+        "a row submitted earlier" in refused.stderr
+    )
+    assert len(batch_jobs(ctx, "b10")) == 1 and len(queued) == 1
 
 
 # --- through real workers ----------------------------------------------------
