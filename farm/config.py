@@ -40,6 +40,7 @@ class Settings:
     model_dir: Path = _default_model_dir()
     renderer: str = "portrait"
     device: str = "auto"  # auto | cpu | cuda
+    video_encoder: str = "auto"  # auto | libx264 | h264_nvenc: see farm/encoders.py
     fps: int = 25
     size: int = 512
     chunk_frames: int = 100
@@ -153,6 +154,11 @@ class Settings:
                     f"FARM_BROKER_URL {mask_url(self.broker_url)!r} is not a broker URL; "
                     f"use one of {', '.join(s + '://' for s in BROKER_SCHEMES)}"
                 )
+        if self.video_encoder not in VIDEO_ENCODERS:
+            raise InvalidInput(
+                f"FARM_VIDEO_ENCODER {self.video_encoder!r} is not one of "
+                f"{', '.join(VIDEO_ENCODERS)}"
+            )
         check_cron(self.nightly_cron)
 
     def describe(self) -> dict[str, str]:
@@ -204,6 +210,7 @@ _POSITIVE = (
     "webhook_timeout",
 )
 _NOT_NEGATIVE = ("segment_pause_ms", "task_max_retries", "outage_retries", "stall_seconds")
+VIDEO_ENCODERS = ("auto", "h264_nvenc", "libx264")  # farm/encoders.py probes them
 # Brokers farm runs on: Redis (the embedded default is redis+socket) and AMQP.
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
 

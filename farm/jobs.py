@@ -18,11 +18,11 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from farm import queries, states, webhooks
+from farm import encoders, queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
 from farm.errors import Cancelled, InvalidInput, PermanentError, RetryableError
-from farm.media import VideoFormat, count_frames, join_and_encode
+from farm.media import EncodeFailed, VideoFormat, count_frames, join_and_encode
 from farm.script import split_script
 from farm.store import chunk_key, job_key
 
@@ -305,7 +305,8 @@ def mux(ctx: Context, job_id: str) -> None:
         if job.state != states.MUXING:
             return
         expected, n_chunks = job.frame_count, job.chunks_total
-        fmt = VideoFormat.delivery(job.width, job.height, job.fps)
+        setting = ctx.settings.video_encoder
+        fmt = VideoFormat.delivery(job.width, job.height, job.fps, encoders.codec_for(setting))
         final = job.target_key or job_key(job_id, "final.mp4")
     with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
         work = Path(tmp)
@@ -314,7 +315,10 @@ def mux(ctx: Context, job_id: str) -> None:
         ]
         audio = ctx.store.get_file(job_key(job_id, "audio.wav"), work / "audio.wav")
         out = work / "final.mp4"
-        join_and_encode(parts, audio, out, fmt)
+        try:
+            join_and_encode(parts, audio, out, fmt)
+        except EncodeFailed as exc:
+            raise encoders.died(setting, fmt.codec, str(exc)) from exc
         frames = count_frames(out)
         if frames != expected:
             raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")

@@ -28,6 +28,11 @@ from farm.errors import PermanentError
 AUDIO_BITRATE = "128k"
 
 
+class EncodeFailed(PermanentError):
+    """The video encoder itself failed (not a decoder, not the input): the caller may
+    mark that encoder broken (farm/encoders.py)."""
+
+
 @cache
 def ffmpeg_exe() -> str:
     """The system ffmpeg when there is one, else the static build inside imageio-ffmpeg."""
@@ -37,51 +42,6 @@ def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def pick_codec(encoders: str, gpu: bool) -> str:
-    """h264_nvenc when there is a GPU and this ffmpeg lists it (`ffmpeg -encoders`
-    text), else libx264. Pure, so it is testable without either."""
-    if gpu and re.search(r"^\s*V\S*\s+h264_nvenc\b", encoders, re.MULTILINE):
-        return "h264_nvenc"
-    return "libx264"
-
-
-@cache
-def ffmpeg_encoders() -> str:
-    """`ffmpeg -encoders` of the ffmpeg at hand, asked once per process; "" on failure
-    (then libx264, which every build here has)."""
-    try:
-        proc = subprocess.run(
-            [ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return proc.stdout.decode("utf-8", "replace") if proc.returncode == 0 else ""
-
-
-@cache
-def gpu_present() -> bool:
-    """An NVIDIA GPU this process may use, without importing torch (farm/ never does):
-    CUDA_VISIBLE_DEVICES set to nothing hides them all; else nvidia-smi must list one."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
-        return False
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return False
-    try:
-        proc = subprocess.run([smi, "-L"], capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return proc.returncode == 0 and b"GPU " in proc.stdout
-
-
-def default_codec() -> str:
-    """The codec for this machine (both checks are cached per process; ffmpeg is not
-    asked at all without a GPU)."""
-    gpu = gpu_present()
-    return pick_codec(ffmpeg_encoders() if gpu else "", gpu)
 
 
 @dataclass(frozen=True)
@@ -96,18 +56,16 @@ class VideoFormat:
     preset: str = "veryfast"
 
     @classmethod
-    def chunk(cls, width: int, height: int, fps: int) -> VideoFormat:
-        """A render chunk: lossless, the fastest preset, with this machine's encoder
-        (h264_nvenc where a GPU and the encoder are there). Chunks of one job may come
-        from different encoders: the mux stage decodes each one on its own."""
-        return cls(width, height, fps, codec=default_codec(), crf=0, preset="ultrafast")
+    def chunk(cls, width: int, height: int, fps: int, codec: str = "libx264") -> VideoFormat:
+        """A render chunk: lossless, the fastest preset, with the worker's encoder
+        (farm/encoders.py). Chunks of one job may come from different encoders: the mux
+        stage decodes each one on its own."""
+        return cls(width, height, fps, codec=codec, crf=0, preset="ultrafast")
 
     @classmethod
-    def delivery(cls, width: int, height: int, fps: int) -> VideoFormat:
-        """The delivered video, encoded once by the mux stage with this machine's
-        encoder. The plain constructor stays libx264, so nothing depends on the host
-        unasked."""
-        return cls(width, height, fps, codec=default_codec())
+    def delivery(cls, width: int, height: int, fps: int, codec: str = "libx264") -> VideoFormat:
+        """The delivered video, encoded once by the mux stage."""
+        return cls(width, height, fps, codec=codec)
 
     @property
     def lossless(self) -> bool:
@@ -203,7 +161,7 @@ def join_and_encode(parts: list[Path], audio: Path, out: Path, fmt: VideoFormat)
             code = encoder.wait()
         if code > 0:  # the encoder's own failure explains a decoder's broken pipe too
             encoder_log.seek(0)
-            raise PermanentError(
+            raise EncodeFailed(
                 f"ffmpeg failed: {_tail(encoder_log.read().decode('utf-8', 'replace'))}"
             )
         if bad_part or code != 0:
@@ -273,14 +231,14 @@ class FrameEncoder:
         try:
             self._stdin.write(batch.data)
         except BrokenPipeError as exc:
-            raise PermanentError(f"ffmpeg stopped: {self._stderr()}") from exc
+            raise EncodeFailed(f"ffmpeg stopped: {self._stderr()}") from exc
         self.written += len(batch)
 
     def close(self) -> None:
         self._stdin.close()
         code = self._proc.wait()
         if code != 0:
-            raise PermanentError(f"ffmpeg failed: {self._stderr()}")
+            raise EncodeFailed(f"ffmpeg failed: {self._stderr()}")
         if self.written != self.expected:
             raise PermanentError(f"encoded {self.written} frames, expected {self.expected}")
 

@@ -9,17 +9,17 @@ import logging
 import math
 import tempfile
 import time
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy.exc import IntegrityError
 
-from farm import jobs, queries, states
+from farm import encoders, jobs, queries, states
 from farm.avatars import photo_rgb
 from farm.context import Context
 from farm.errors import Cancelled, InvalidInput, NotFound
-from farm.media import FrameEncoder, VideoFormat
+from farm.media import EncodeFailed, FrameEncoder, VideoFormat
 from farm.script import check_frames
 from farm.store import avatar_key, chunk_key, job_key
 from models import tts
@@ -196,12 +196,6 @@ def render(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
     return jobs.chunk_finished(ctx, job_id, idx, seconds)
 
 
-@cache
-def _say_encoder(codec: str) -> None:
-    """Once per worker process, beside the renderer's own line about its path."""
-    log.info("render chunks: encoding with %s", codec)
-
-
 def _render_frames(
     ctx: Context, job_id: str, idx: int, frames: range, avatar_name: str, renderer_name: str
 ) -> float:
@@ -211,8 +205,8 @@ def _render_frames(
     motion = _cached_plan(ctx, job_id)
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
-    fmt = VideoFormat.chunk(motion.width, motion.height, motion.fps)
-    _say_encoder(fmt.codec)
+    setting = ctx.settings.video_encoder
+    fmt = VideoFormat.chunk(motion.width, motion.height, motion.fps, encoders.codec_for(setting))
     with tempfile.TemporaryDirectory(prefix="farm-chunk-") as tmp:
         out = Path(tmp) / f"{idx:05d}.mp4"
         started = time.perf_counter()
@@ -220,6 +214,9 @@ def _render_frames(
         try:
             renderer.render(avatar, motion, frames, _CheckedSink(ctx, job_id, encoder))
             encoder.close()
+        except EncodeFailed as exc:
+            encoder.abort()
+            raise encoders.died(setting, fmt.codec, str(exc)) from exc
         except BaseException:
             encoder.abort()
             raise

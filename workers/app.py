@@ -6,10 +6,17 @@ same with the right options. Settings are read once, here, at process start-up.
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_ready,
+)
 from kombu import Queue
 
 from farm.config import Settings, redact_logs
@@ -104,6 +111,31 @@ def _patient_publishing(sender: Any, **_: Any) -> None:
     # Before the pool starts and before anything is sent: the policy is read when the
     # app's task sender is made, on the first send.
     sender.app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY
+
+
+@worker_init.connect
+def _probe_video_encoder(sender: Any, **_: Any) -> None:
+    # Render chunks and the mux both encode. Probed once in the main process, before
+    # the pool forks (ffmpeg only, no CUDA), so every child inherits the choice; an
+    # explicit FARM_VIDEO_ENCODER that cannot encode stops the worker here, with
+    # ffmpeg's reason, instead of failing every chunk it would take. Logging is not
+    # set up yet at this point: the refusal goes to stderr, the choice is logged once
+    # the worker is ready.
+    from farm import encoders
+
+    try:
+        encoders.choose(settings.video_encoder)
+    except encoders.EncoderError as exc:
+        print(f"farm worker: cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from exc
+
+
+@worker_ready.connect
+def _say_video_encoder(sender: Any, **_: Any) -> None:
+    from farm import encoders
+
+    choice = encoders.choose(settings.video_encoder)
+    logging.getLogger("farm.worker").info("video encoder: %s", choice.reason)
 
 
 @after_setup_logger.connect

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from farm.errors import PermanentError
 from models.base import FrameSink, Phone, Plan, RenderStats
+from models.frames import FrameWriter
 
 from .avatar import CROP_SIZE, PortraitAvatar, prepare_avatar
 from .export import TensorRTBackend, backend_choice
@@ -85,18 +86,29 @@ class PortraitRenderer:
             raise ValueError(f"frames {frames} are not a range inside 0..{plan.frame_count}")
         started = time.perf_counter()
         track = torch.from_numpy(np.ascontiguousarray(plan.track, dtype=np.float32))
+        track = track[frames.start : frames.stop].to(self.device)
         if self.full_photo(avatar, plan.width, plan.height):
             paste = self.paste_back(avatar)
             network = self.network(avatar, paste.net_size)
-            for start in range(frames.start, frames.stop, self.batch_size):
-                rows = track[start : min(start + self.batch_size, frames.stop)]
-                sink.write(paste(network(rows.to(self.device))).cpu().numpy())
+
+            def draw(rows: torch.Tensor) -> torch.Tensor:
+                return paste(network(rows))
         else:
             network = self.network(avatar, min(plan.width, plan.height))
-            for start in range(frames.start, frames.stop, self.batch_size):
-                rows = track[start : min(start + self.batch_size, frames.stop)]
-                square = network(rows.to(self.device)).cpu().numpy()
-                sink.write(_letterbox(square, plan.width, plan.height))
+
+            def draw(rows: torch.Tensor) -> torch.Tensor:
+                return _letterbox(network(rows), plan.width, plan.height)
+
+        # uint8 frames, letterbox and paste-back are made on the device; the writer
+        # copies and encodes batch k while batch k+1 renders (models/frames.py).
+        writer = FrameWriter(sink, self.device)
+        try:
+            for first in range(0, len(frames), self.batch_size):
+                writer.put(draw(track[first : first + self.batch_size]))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         seconds = time.perf_counter() - started
         return RenderStats(frames=len(frames), seconds=seconds, device=str(self.device))
 
@@ -202,11 +214,12 @@ class PasteBack:
         return out
 
 
-def _letterbox(square: np.ndarray, width: int, height: int) -> np.ndarray:
+def _letterbox(square: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(N, S, S, 3) uint8 faces centred on black (N, height, width, 3), on their device."""
     side = square.shape[1]
     if width == height == side:
         return square
-    out = np.zeros((square.shape[0], height, width, 3), dtype=np.uint8)
+    out = square.new_zeros((square.shape[0], height, width, 3))
     top, left = (height - side) // 2, (width - side) // 2
     out[:, top : top + side, left : left + side] = square
     return out

@@ -11,7 +11,6 @@ from farm.media import (
     encode_argv,
     final_argv,
     join_and_encode,
-    pick_codec,
 )
 from tests.probe import probe
 
@@ -44,10 +43,7 @@ def test_nvenc_uses_its_own_options():
     assert _opt(argv, "-vcodec") == "h264_nvenc" and "-crf" not in argv
 
 
-def test_chunks_are_lossless_and_the_delivery_is_not(monkeypatch):
-    import farm.media as media
-
-    monkeypatch.setattr(media, "default_codec", lambda: "libx264")
+def test_chunks_are_lossless_and_the_delivery_is_not():
     chunk = encode_argv("ffmpeg", Path("c.mp4"), VideoFormat.chunk(64, 64, 25), 10)
     assert _opt(chunk, "-crf") == "0" and _opt(chunk, "-preset") == "ultrafast"
     final = final_argv("ffmpeg", VideoFormat.delivery(64, 64, 25), Path("a.wav"), Path("o.mp4"))
@@ -116,42 +112,8 @@ def test_join_names_a_chunk_that_does_not_decode(tmp_path):
         )
 
 
-ENCODERS = """Encoders:
- V..... = Video
- ------
- V....D libx264              libx264 H.264 / AVC / MPEG-4 AVC / MPEG-4 part 10 (codec h264)
- V....D h264_nvenc           NVIDIA NVENC H.264 encoder (codec h264)
- A....D aac                  AAC (Advanced Audio Coding)
-"""
-
-
-def test_pick_codec_uses_nvenc_only_with_a_gpu_and_the_encoder():
-    assert pick_codec(ENCODERS, gpu=True) == "h264_nvenc"
-    assert pick_codec(ENCODERS, gpu=False) == "libx264"
-    without = "\n".join(ln for ln in ENCODERS.splitlines() if "nvenc" not in ln)
-    assert pick_codec(without, gpu=True) == "libx264"
-    assert pick_codec("", gpu=True) == "libx264"
-    # hevc_nvenc, or the name in a description, is not h264_nvenc
-    other = " V....D hevc_nvenc   NVIDIA NVENC hevc encoder, not h264_nvenc (codec hevc)\n"
-    assert pick_codec(other, gpu=True) == "libx264"
-
-
-def test_chunk_and_delivery_take_the_machines_codec(monkeypatch):
-    import farm.media as media
-
-    monkeypatch.setattr(media, "default_codec", lambda: "h264_nvenc")
-    fmt = VideoFormat.delivery(1280, 720, 25)
+def test_chunk_and_delivery_take_the_codec_they_are_given():
+    fmt = VideoFormat.delivery(1280, 720, 25, "h264_nvenc")
     assert (fmt.width, fmt.height, fmt.fps, fmt.codec) == (1280, 720, 25, "h264_nvenc")
-    assert VideoFormat.chunk(1280, 720, 25).codec == "h264_nvenc"
+    assert VideoFormat.chunk(1280, 720, 25, "h264_nvenc").codec == "h264_nvenc"
     assert VideoFormat(64, 64, 25).codec == "libx264"  # the constructor never guesses
-
-
-def test_hidden_gpus_mean_no_gpu(monkeypatch):
-    import farm.media as media
-
-    media.gpu_present.cache_clear()
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    try:
-        assert media.gpu_present() is False
-    finally:
-        media.gpu_present.cache_clear()
