@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 DEFAULT_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "bench.txt"
 
 
-def stage_figures(script: Path, runs: int, sizes: str, threads: str, device: str) -> dict:
+def stage_figures(
+    script: Path, runs: int, sizes: str, threads: str, device: str, batch: str = "16"
+) -> dict:
     """Runs models.bench in a child process so this one never imports torch."""
     proc = subprocess.run(
         [
@@ -45,6 +47,10 @@ def stage_figures(script: Path, runs: int, sizes: str, threads: str, device: str
             threads,
             "--device",
             device,
+            "--batch",
+            batch,
+            "--encoder",
+            os.environ.get("FARM_VIDEO_ENCODER", "auto"),
         ],
         capture_output=True,
         text=True,
@@ -101,8 +107,12 @@ def format_report(stages: dict, e2e: dict | None) -> str:
             f"  {voice:8} audio {row['audio_seconds']:6.1f}s  synth {row['seconds']:6.2f}s"
             f"  {fps:8.0f} fps  RTF {row['rtf']:.3f}"
         )
-    lines.append("Plan, render, encode, mux (one process; mode: face crop, letterboxed face,")
-    lines.append("or the whole photo with the face pasted back)")
+    if "machine" in stages:
+        lines.append("Machine: " + "  ".join(f"{k} {v}" for k, v in stages["machine"].items()))
+    lines.append("Plan, network, render, encode, chunks, mux (one process; mode: face crop,")
+    lines.append("letterboxed face, or the whole photo with the face pasted back). network: the")
+    lines.append("network alone on device tensors; render: the render loop to host frames;")
+    lines.append("chunks: render + lossless encode of 50-frame chunks, as a render worker does")
     for row in stages["render"]:
         head = (
             f"  {row['size']:>9} {row.get('mode', 'face'):9} threads {row['threads']}"
@@ -114,9 +124,12 @@ def format_report(stages: dict, e2e: dict | None) -> str:
                 f" {row['render_fps']:6.1f} fps  encode {row['encode_fps']:6.1f} fps"
             )
             continue
-        lines.append(f"{head}  codec {row['codec']}  ({row['frames']} frames)")
-        for stage in ("plan", "render", "encode", "mux"):
-            fig = row[stage]
+        batch = f"  batch {row['batch']}" if "batch" in row else ""
+        lines.append(f"{head}  codec {row['codec']}{batch}  ({row['frames']} frames)")
+        for stage in ("plan", "network", "render", "encode", "chunks", "mux"):
+            fig = row.get(stage)
+            if not isinstance(fig, dict):  # figures from before that stage was measured
+                continue
             lines.append(f"      {stage:7} {fig['fps']:9.1f} fps  RTF {fig['rtf']:.4f}")
         memory = f"      peak memory so far: {row['peak_rss_mib']:.0f} MiB RSS"
         if "peak_cuda_mib" in row:

@@ -124,7 +124,14 @@ def _choose(setting: str, broken: tuple[tuple[str, str], ...]) -> Choice:
         probes.append(result)
         if result.ok:
             refused = [f"{p.codec} refused: {p.reason}" for p in probes if not p.ok]
-            why = "; ".join(refused) or ("FARM_VIDEO_ENCODER" if setting != "auto" else "first")
+            if refused:
+                why = "; ".join(refused)
+            elif setting != "auto":
+                why = f"FARM_VIDEO_ENCODER={setting}; test encode ok"
+            elif codec == "libx264":
+                why = "no NVIDIA GPU visible; test encode ok"
+            else:
+                why = "test encode ok on the GPU"
             return Choice(codec, f"{codec} ({why})", tuple(probes))
     reasons = "; ".join(f"{p.codec}: {p.reason}" for p in probes)
     raise EncoderError(f"no usable video encoder (FARM_VIDEO_ENCODER={setting}): {reasons}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -89,13 +90,20 @@ def bench_render(
     threads: int,
     device: str,
     runs: int,
+    batch: int = 16,
+    codec: str = "libx264",
 ) -> dict[str, Any]:
     """`mode`: "face" (the crop, letterboxed when not square) or "photo" (the whole
-    photo at `size`, the face pasted back)."""
+    photo at `size`, the face pasted back).
+
+    Figures: the network alone on device tensors (no host work), the render loop into a
+    sink that keeps the frames, the encode of rendered frames, delivered chunks (render
+    and encode of CHUNK_FRAMES-frame chunks one after another, as a render worker makes
+    them) and the mux."""
     import torch
 
     seconds, phones, samples, rate = speech
-    renderer = get_renderer("portrait", Path(tempfile.gettempdir()), device, 16, threads)
+    renderer = get_renderer("portrait", Path(tempfile.gettempdir()), device, batch, threads)
     torch.set_num_threads(threads)
     from models.portrait import demo_photo
 
@@ -121,11 +129,19 @@ def bench_render(
         rendered.clear()
         renderer.render(avatar, plan, range(frames), Keep())
 
-    if device == "cuda":
+    if renderer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    network_s, _ = _median_time(lambda: _network_only(renderer, avatar, plan, frames), runs)
     render_s, _ = _median_time(render_all, runs)
     video = np.concatenate(rendered)
-    fmt = VideoFormat.chunk(size[0], size[1], FPS)
+    fmt = VideoFormat.chunk(size[0], size[1], FPS, codec)
+
+    def delivered_chunks(tmp: Path) -> None:
+        for i, first in enumerate(range(0, frames, CHUNK_FRAMES)):
+            count = min(CHUNK_FRAMES, frames - first)
+            enc = FrameEncoder(tmp / f"delivered-{i:04d}.mp4", fmt, count)
+            renderer.render(avatar, plan, range(first, first + count), enc)
+            enc.close()
 
     def encode(out: Path, first: int, count: int) -> None:
         enc = FrameEncoder(out, fmt, count)
@@ -136,6 +152,7 @@ def bench_render(
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         encode_s, _ = _median_time(lambda: encode(tmp / "whole.mp4", 0, frames), runs)
+        chunk_s, _ = _median_time(lambda: delivered_chunks(tmp), runs)
         # The mux joins what the render workers leave: chunk segments, and the job audio.
         # It decodes them and encodes the delivered video once (farm.media).
         chunks = []
@@ -145,25 +162,84 @@ def bench_render(
         audio = tts.Speech(samples=samples[: int(frames / FPS * rate)], sample_rate=rate, phones=[])
         with open(tmp / "audio.wav", "wb") as f:
             tts.write_wav(audio, f)
-        final = VideoFormat.delivery(size[0], size[1], FPS)
+        final = VideoFormat.delivery(size[0], size[1], FPS, codec)
         mux_s, _ = _median_time(
             lambda: join_and_encode(chunks, tmp / "audio.wav", tmp / "out.mp4", final), runs
         )
     row: dict[str, Any] = {
         "frames": frames,
+        "batch": batch,
         "mode": "photo" if mode == "photo" else ("face" if size[0] == size[1] else "letterbox"),
         "codec": fmt.codec,  # of the chunks; the delivery encode uses the same
-        "chunks": len(chunks),
+        "chunk_count": len(chunks),
         "device": str(getattr(renderer, "device", device)),
         "plan": {"seconds": plan_s, **_rates(plan_s, plan.frame_count)},
+        "network": _rates(network_s, frames),
         "render": _rates(render_s, frames),
         "encode": _rates(encode_s, frames),
+        "chunks": _rates(chunk_s, frames),
         "mux": _rates(mux_s, frames),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if device == "cuda":
+    if renderer.device.type == "cuda":
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
+
+
+def _network_only(renderer: Any, avatar: Any, plan: Any, frames: int) -> None:
+    """What the render loop draws, on device tensors, with no copy to the host."""
+    import torch
+
+    track = torch.from_numpy(np.ascontiguousarray(plan.track[:frames], dtype=np.float32))
+    track = track.to(renderer.device)
+    if renderer.full_photo(avatar, plan.width, plan.height):
+        paste = renderer.paste_back(avatar)
+        network = renderer.network(avatar, paste.net_size)
+        draw = lambda rows: paste(network(rows))  # noqa: E731
+    else:
+        draw = renderer.network(avatar, min(plan.width, plan.height))
+    with torch.inference_mode():
+        for first in range(0, frames, renderer.batch_size):
+            draw(track[first : first + renderer.batch_size])
+    if renderer.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine(device: str, setting: str) -> dict[str, Any]:
+    """What the figures ran on: the encoder chosen (and why), torch, the GPU and driver."""
+    import platform
+
+    import torch
+
+    from farm import encoders
+
+    info: dict[str, Any] = {
+        "encoder": encoders.choose(setting).reason,
+        "torch": torch.__version__,
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if device != "cpu" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["driver"] = _driver_version()
+    return info
+
+
+def _driver_version() -> str:
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "unknown (no nvidia-smi)"
+    proc = subprocess.run(
+        [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout else "?"
 
 
 def main() -> None:
@@ -179,9 +255,14 @@ def main() -> None:
     )
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", default="16", help="frames per render batch, e.g. 16,64")
+    ap.add_argument("--encoder", default="auto", help="FARM_VIDEO_ENCODER for the encodes")
     args = ap.parse_args()
     text = args.script.read_text(encoding="utf-8")
-    out: dict[str, Any] = {"tts": {}, "render": []}
+    out: dict[str, Any] = {"machine": machine(args.device, args.encoder), "tts": {}, "render": []}
+    from farm import encoders
+
+    codec = encoders.codec_for(args.encoder)
     for voice in tts.VOICES:
         out["tts"][voice] = bench_tts(text, voice, args.runs)
     speech = job_speech(text)
@@ -192,8 +273,21 @@ def main() -> None:
         modes = [only] if only else (["face"] if size[0] == size[1] else ["face", "photo"])
         for mode in modes:
             for threads in (int(t) for t in args.threads.split(",")):
-                row = bench_render(speech, size, mode, args.frames, threads, args.device, args.runs)
-                out["render"].append({"size": f"{size[0]}x{size[1]}", "threads": threads, **row})
+                for batch in (int(b) for b in args.batch.split(",")):
+                    row = bench_render(
+                        speech,
+                        size,
+                        mode,
+                        args.frames,
+                        threads,
+                        args.device,
+                        args.runs,
+                        batch,
+                        codec,
+                    )
+                    out["render"].append(
+                        {"size": f"{size[0]}x{size[1]}", "threads": threads, **row}
+                    )
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
