@@ -952,6 +952,23 @@ def show_config() -> None:
 
 @main.command()
 @fail_cleanly
+def doctor() -> None:
+    """Check this machine and the configured services, one line each, with the fix.
+
+    Exit status 1 when something the configuration needs is broken. Starts nothing."""
+    from farm import doctor as checks
+
+    results = checks.run(Settings.from_env())
+    for result in results:
+        click.echo(checks.line(result, one_line))
+    broken = checks.broken(results)
+    if broken:
+        names = ", ".join(dict.fromkeys(r.name for r in broken))
+        raise checks.Unhealthy(f"{len(broken)} needed check(s) failed: {names}")
+
+
+@main.command()
+@fail_cleanly
 def stop() -> None:
     """Stop the embedded runtime (workers finish their current task first)."""
     settings = Settings.from_env()
