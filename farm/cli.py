@@ -883,6 +883,14 @@ def batch_report(name: str, fmt: str, output: Path | None) -> None:
     default=None,
     help="'all' or GPU indices: one pinned worker process per GPU, concurrency 1.",
 )
+@click.option(
+    "--per-gpu",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="With --gpus: worker processes per GPU, each rendering and encoding its own "
+    "chunk (more encodes in flight where the CPU encoder is the limit).",
+)
 @click.option("--hostname", "-n", default=None, help="Worker name (default QUEUES@host).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @fail_cleanly
@@ -891,6 +899,7 @@ def worker(
     bulk: bool,
     concurrency: int,
     gpus: str | None,
+    per_gpu: int,
     hostname: str | None,
     loglevel: str,
 ) -> None:
@@ -905,7 +914,7 @@ def worker(
         argv = embedded.worker_argv(queues, concurrency, f"{base}@%h", loglevel, bulk=bulk)
         os.execv(argv[0], argv)
     chosen = gpu.select_gpus(gpus, gpu.visible_gpus())
-    names = {f"{base}-gpu{g}@%h": g for g in chosen}
+    names = gpu.gpu_worker_names(base, chosen, per_gpu)
     argvs = {n: embedded.worker_argv(queues, 1, n, loglevel, bulk=bulk) for n in names}
     envs = {n: gpu.gpu_worker_env(g) for n, g in names.items()}
     click.echo(f"starting {len(names)} worker(s): {', '.join(names)}", err=True)
@@ -1006,6 +1015,12 @@ def db_upgrade(revision: str) -> None:
 @click.option("--threads", default="1,2", show_default=True, help="Torch threads to try.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option(
+    "--batch",
+    default="16",
+    show_default=True,
+    help="Frames per render batch to try, e.g. 16,64,256.",
+)
+@click.option(
     "--e2e/--no-e2e", default=True, show_default=True, help="Also time whole jobs through the farm."
 )
 @click.option(
@@ -1043,6 +1058,7 @@ def bench(
     sizes: str,
     threads: str,
     device: str,
+    batch: str,
     e2e: bool,
     workers: str | None,
     frame_ms: str,
@@ -1069,7 +1085,7 @@ def bench(
         return
 
     script = script or b.DEFAULT_SCRIPT
-    stages = b.stage_figures(script, runs, sizes, threads, device)
+    stages = b.stage_figures(script, runs, sizes, threads, device, batch)
     e2e_row = None
     if e2e:
         ctx = make_context()

@@ -46,6 +46,16 @@ def select_gpus(spec: str, available: list[str]) -> list[str]:
     return wanted
 
 
+def gpu_worker_names(base: str, gpus: list[str], per_gpu: int) -> dict[str, str]:
+    """Worker name -> the GPU it is pinned to: `base-gpuN@%h`, or with more than one
+    process per GPU `base-gpuN-K@%h`. Each process renders and encodes its own chunk,
+    so `per_gpu` is how many encodes are in flight per GPU: the CPU encoder, not the
+    GPU, limits a GPU worker (libx264 makes ~1,000 lossless 512x512 fps on 16 cores)."""
+    if per_gpu == 1:
+        return {f"{base}-gpu{g}@%h": g for g in gpus}
+    return {f"{base}-gpu{g}-{k}@%h": g for g in gpus for k in range(per_gpu)}
+
+
 def gpu_worker_env(gpu: str) -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "FARM_DEVICE": "cuda"}
 

@@ -41,3 +41,17 @@ def test_describe_shows_effective_urls_without_secrets(tmp_path):
     assert "topsecret" not in " ".join(shown.values())
     assert shown["store_url"] == f"file://{tmp_path / 'artifacts'}"
     assert shown["broker_url"].startswith("redis+socket://")
+
+
+def test_gpu_worker_names_one_or_more_processes_per_gpu():
+    from farm.gpus import gpu_worker_names
+
+    assert gpu_worker_names("render", ["0", "1"], 1) == {
+        "render-gpu0@%h": "0",
+        "render-gpu1@%h": "1",
+    }
+    assert gpu_worker_names("render", ["1"], 3) == {
+        "render-gpu1-0@%h": "1",
+        "render-gpu1-1@%h": "1",
+        "render-gpu1-2@%h": "1",
+    }
