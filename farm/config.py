@@ -212,7 +212,7 @@ _POSITIVE = (
 _NOT_NEGATIVE = ("segment_pause_ms", "task_max_retries", "outage_retries", "stall_seconds")
 VIDEO_ENCODERS = ("auto", "h264_nvenc", "libx264")  # farm/encoders.py probes them
 # Brokers farm runs on: Redis (the embedded default is redis+socket) and AMQP.
-BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
 
 # A crontab's five fields: (name, lowest, highest, names usable in place of numbers).
 _CRON_FIELDS = (

@@ -287,7 +287,7 @@ def ping_redis(url: str) -> None:
 
 
 def ping_kombu(url: str) -> None:
-    """AMQP and sentinel brokers: one connection attempt, then one retry."""
+    """AMQP brokers: one connection attempt, then one retry."""
     import kombu
 
     with kombu.Connection(url, connect_timeout=NET_TIMEOUT) as conn:

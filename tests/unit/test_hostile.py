@@ -187,6 +187,8 @@ def test_crontabs_that_cannot_run(text: str, problem: str) -> None:
         ({"FARM_RENDER_BATCH": "-4"}, "FARM_RENDER_BATCH must be positive"),
         ({"FARM_STALL_SECONDS": "-1"}, "FARM_STALL_SECONDS must be 0 or more"),
         ({"FARM_BROKER_URL": "localhost:6379"}, "is not a broker URL"),
+        # kombu needs a master_name transport option that farm never passes
+        ({"FARM_BROKER_URL": "sentinel://127.0.0.1:26379"}, "is not a broker URL"),
         ({"FARM_NIGHTLY_CRON": "99 * * * *"}, "FARM_NIGHTLY_CRON"),
     ],
 )
