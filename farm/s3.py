@@ -167,10 +167,10 @@ class S3Store:
 
     @_sorted_errors
     def get_file(self, key: str, dest: Path) -> Path:
-        # Into an open file, not download_file's temp file + rename: DEST may be a
-        # device or pipe the user named (/dev/stdout), which a rename would replace.
-        with open(dest, "wb") as fh:
-            self.client.download_fileobj(self.bucket, self._key(key), fh, Config=self.transfer)
+        # download_file writes a temp file beside DEST and renames it: never half an
+        # artifact. A device or pipe the user named goes through farm.store's
+        # write_user_file, which stages the file elsewhere first.
+        self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
         return dest
 
     @_sorted_errors

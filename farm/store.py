@@ -118,13 +118,22 @@ def write_user_file(dest: Path, write: Callable[[Path], object]) -> Path:
     One rule everywhere: missing folders above DEST are created. Any failure (a full
     disk, a read-only folder, a folder where the file should go) is one InvalidInput
     that names DEST, and leaves no partial file behind. A device or pipe (/dev/stdout)
-    is written in place, never replaced."""
+    is written in place, never replaced: the file is staged in a temporary folder and
+    copied into it (a store's own download would rename a temp file over it)."""
     if dest.is_dir():
         raise InvalidInput(f"cannot write {dest}: it is a directory")
     created = not dest.exists()
+    special = not created and not dest.is_file()
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        write(dest)
+        if special:
+            with tempfile.TemporaryDirectory(prefix="farm-out-") as tmp:
+                staged = Path(tmp) / "staged"
+                write(staged)
+                with open(staged, "rb") as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        else:
+            write(dest)
     except BaseException as exc:
         if created and dest.is_file():
             dest.unlink(missing_ok=True)

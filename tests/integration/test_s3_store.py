@@ -631,6 +631,24 @@ def test_download_cut_off_mid_stream_is_retryable(tmp_path: Path) -> None:
         assert not (tmp_path / "out.mp4").exists()  # no half-written artifact left behind
 
 
+def test_copying_to_a_users_path_from_s3(endpoint: str, bucket: str, tmp_path: Path) -> None:
+    """`farm fetch` and `submit --output` on S3: folders are made, a full device is one
+    error and stays a device (a download's temp-file rename would have replaced it)."""
+    from farm.errors import InvalidInput
+    from farm.store import write_user_file
+
+    store = _store(endpoint, bucket)
+    store.put_bytes("jobs/j/final.mp4", b"v" * 300_000)
+    dest = tmp_path / "new" / "dir" / "x.mp4"
+    write_user_file(dest, lambda p: store.get_file("jobs/j/final.mp4", p))
+    assert dest.read_bytes() == b"v" * 300_000
+    if Path("/dev/full").exists():
+        with pytest.raises(InvalidInput, match="cannot write /dev/full: No space left"):
+            write_user_file(Path("/dev/full"), lambda p: store.get_file("jobs/j/final.mp4", p))
+        assert Path("/dev/full").is_char_device()
+        assert not list(Path("/dev").glob("full.*"))
+
+
 # --- open_store --------------------------------------------------------------------
 
 
