@@ -153,7 +153,7 @@ def test_verify_rejects_missing_headers_and_bad_timestamps():
         ("0.0.0.0", "unspecified"),
         ("224.0.0.1", "multicast"),
         ("240.0.0.1", "private"),  # reserved; Python counts it private first
-        ("255.255.255.255", "private"),
+        ("255.255.255.255", "broadcast"),
         ("::1", "loopback"),
         ("::", "unspecified"),
         ("fe80::1", "link-local"),
