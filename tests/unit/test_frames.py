@@ -21,6 +21,18 @@ class Collect:
         self.batches.append(np.array(frames))
 
 
+class Blocking(Collect):
+    """A sink whose writes wait until `release` is set: an encoder that is busy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, frames: np.ndarray) -> None:
+        self.release.wait(30)
+        super().write(frames)
+
+
 def batches(n: int, size: int = 8, seed: int = 0) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
     return [
@@ -48,14 +60,7 @@ def test_batches_arrive_in_order_and_unchanged(device):
 def test_rendering_goes_on_while_the_sink_is_busy():
     """With the sink stuck on batch 0, two more batches are accepted (depth 2); the
     fourth waits for a free buffer."""
-    release = threading.Event()
-
-    class Stuck(Collect):
-        def write(self, frames):
-            release.wait(30)
-            super().write(frames)
-
-    sink = Stuck()
+    sink = Blocking()
     writer = FrameWriter(sink, torch.device("cpu"), depth=2)
     sent = batches(4)
     for b in sent[:3]:
@@ -65,7 +70,7 @@ def test_rendering_goes_on_while_the_sink_is_busy():
     fourth.start()
     fourth.join(0.5)
     assert fourth.is_alive()  # no free buffer until the sink moves
-    release.set()
+    sink.release.set()
     fourth.join(30)
     writer.close()
     assert [len(b) for b in sink.batches] == [len(b) for b in sent]
@@ -90,17 +95,10 @@ def test_an_error_in_the_sink_stops_the_render_loop(error):
 
 
 def test_abort_drops_queued_batches_and_returns():
-    release = threading.Event()
-
-    class Slow(Collect):
-        def write(self, frames):
-            release.wait(30)
-            super().write(frames)
-
-    sink = Slow()
+    sink = Blocking()
     writer = FrameWriter(sink, torch.device("cpu"))
     for b in batches(3):
         writer.put(b)
-    release.set()
+    sink.release.set()
     writer.abort()
     assert len(sink.batches) <= 1
