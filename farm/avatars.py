@@ -40,25 +40,23 @@ def pixel_limit(limit: int) -> Iterator[None]:
 def photo_rgb(data: bytes, limit: int) -> Any:
     """A photo's pixels as 8-bit RGB (an H x W x 3 uint8 array), whatever its depth.
 
-    Pillow's convert("RGB") clips a 16-bit or 32-bit greyscale image at 255, so a
-    16-bit PNG of a face would become a white page with no face on it. Those modes are
-    scaled to 8 bits first (16-bit by 1/257; float images taken as 0..1)."""
+    Pillow's convert("RGB") clips 16- and 32-bit greyscale at 255, so a 16-bit PNG of
+    a face would become a white page with no face on it. Those modes are scaled to
+    8 bits first: 16 bits by 1/257, float images taken as 0..1."""
     import numpy as np
     from PIL import Image
 
     with pixel_limit(limit), Image.open(io.BytesIO(data)) as img:
-        if img.mode in ("RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1", "PA"):
+        if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
             return np.asarray(img.convert("RGB"))
         values = np.asarray(img).astype(np.float64)
         mode = img.mode
     if mode == "F" and values.max(initial=0) <= 1.0:
         values = values * 255.0
     elif values.max(initial=0) > 255:
-        values = values / 257.0  # 16 bits (I;16, or I from a 16-bit PNG) to 8
+        values = values / 257.0
     grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    if grey.ndim == 3:  # I;16 variants with channels: keep the first three
-        grey = grey[..., :3] if grey.shape[2] >= 3 else grey[..., 0]
-    return np.repeat(grey[..., None], 3, axis=2) if grey.ndim == 2 else grey
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def read_photo(path: Path, settings: Settings) -> bytes:
@@ -82,8 +80,8 @@ def read_photo(path: Path, settings: Settings) -> bytes:
                 width, height = img.size
                 if width * height > limit:
                     raise InvalidInput(f"{too_big}: it is {width}x{height}")
-                img.load()  # decodes every pixel: catches truncated files
-            photo_rgb(data, limit)  # the worker's own decoding, any bit depth
+            # Every pixel decoded as the worker will (any bit depth): catches truncation.
+            photo_rgb(data, limit)
     except InvalidInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

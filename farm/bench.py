@@ -110,8 +110,8 @@ def format_report(stages: dict, e2e: dict | None) -> str:
     if "machine" in stages:
         lines.append("Machine: " + "  ".join(f"{k} {v}" for k, v in stages["machine"].items()))
     lines.append("Plan, network, render, encode, chunks, mux (one process; mode: face crop,")
-    lines.append("letterboxed face, or the whole photo with the face pasted back). network: the")
-    lines.append("network alone on device tensors; render: the render loop to host frames;")
+    lines.append("letterboxed face, or the whole photo with the face pasted back). network: what")
+    lines.append("the loop draws, left on the device; render: the render loop to host frames;")
     lines.append("chunks: render + lossless encode of 50-frame chunks, as a render worker does")
     for row in stages["render"]:
         head = (

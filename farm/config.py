@@ -210,7 +210,7 @@ _POSITIVE = (
     "webhook_timeout",
 )
 _NOT_NEGATIVE = ("segment_pause_ms", "task_max_retries", "outage_retries", "stall_seconds")
-VIDEO_ENCODERS = ("auto", "h264_nvenc", "libx264")  # farm/encoders.py probes them
+VIDEO_ENCODERS = ("auto", "h264_nvenc", "libx264")  # farm/encoders.py tries them in order
 # Brokers farm runs on: Redis (the embedded default is redis+socket) and AMQP.
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
 

@@ -16,8 +16,6 @@ with `auto`, the chunk's retry takes the next candidate instead of the same enco
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -25,13 +23,15 @@ from functools import cache
 
 import ffmpeg
 
+from farm.config import VIDEO_ENCODERS
 from farm.errors import FarmError, PermanentError, RetryableError
+from farm.gpus import gpu_present
 from farm.media import VideoFormat, _quiet, _tail, ffmpeg_exe
 
 log = logging.getLogger(__name__)
 
-ENCODERS = ("h264_nvenc", "libx264")  # the order `auto` tries them in
-SETTINGS = ("auto", *ENCODERS)
+SETTINGS = VIDEO_ENCODERS  # "auto", then every encoder in the order `auto` tries them
+ENCODERS = SETTINGS[1:]
 # NVENC refuses frames below 145x49 or so; 256x256 passes every encoder and is fast.
 PROBE_WIDTH = PROBE_HEIGHT = 256
 PROBE_FRAMES = 4
@@ -166,20 +166,3 @@ def reset() -> None:
         _choose.cache_clear()
         gpu_present.cache_clear()
         ffmpeg_exe.cache_clear()
-
-
-@cache
-def gpu_present() -> bool:
-    """An NVIDIA GPU this process may use, without importing torch (farm/ never does):
-    CUDA_VISIBLE_DEVICES set to nothing hides them all; else nvidia-smi must list one."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
-        return False
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return False
-    try:
-        proc = subprocess.run([smi, "-L"], capture_output=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return proc.returncode == 0 and b"GPU " in proc.stdout

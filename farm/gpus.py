@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from functools import cache
 
 from farm.errors import InvalidInput
 
@@ -28,6 +29,23 @@ def visible_gpus() -> list[str]:
         timeout=30,
     )
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+@cache
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process may use (asked once per process): CUDA_VISIBLE_DEVICES
+    set to nothing hides them all; else nvidia-smi must list one."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        proc = subprocess.run([smi, "-L"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0 and b"GPU " in proc.stdout
 
 
 def select_gpus(spec: str, available: list[str]) -> list[str]:

@@ -192,12 +192,7 @@ def _network_only(renderer: Any, avatar: Any, plan: Any, frames: int) -> None:
 
     track = torch.from_numpy(np.ascontiguousarray(plan.track[:frames], dtype=np.float32))
     track = track.to(renderer.device)
-    if renderer.full_photo(avatar, plan.width, plan.height):
-        paste = renderer.paste_back(avatar)
-        network = renderer.network(avatar, paste.net_size)
-        draw = lambda rows: paste(network(rows))  # noqa: E731
-    else:
-        draw = renderer.network(avatar, min(plan.width, plan.height))
+    draw = renderer.drawer(avatar, plan.width, plan.height)
     with torch.inference_mode():
         for first in range(0, frames, renderer.batch_size):
             draw(track[first : first + renderer.batch_size])

@@ -87,18 +87,7 @@ class PortraitRenderer:
         started = time.perf_counter()
         track = torch.from_numpy(np.ascontiguousarray(plan.track, dtype=np.float32))
         track = track[frames.start : frames.stop].to(self.device)
-        if self.full_photo(avatar, plan.width, plan.height):
-            paste = self.paste_back(avatar)
-            network = self.network(avatar, paste.net_size)
-
-            def draw(rows: torch.Tensor) -> torch.Tensor:
-                return paste(network(rows))
-        else:
-            network = self.network(avatar, min(plan.width, plan.height))
-
-            def draw(rows: torch.Tensor) -> torch.Tensor:
-                return _letterbox(network(rows), plan.width, plan.height)
-
+        draw = self.drawer(avatar, plan.width, plan.height)
         # uint8 frames, letterbox and paste-back are made on the device; the writer
         # copies and encodes batch k while batch k+1 renders (models/frames.py).
         writer = FrameWriter(sink, self.device)
@@ -111,6 +100,18 @@ class PortraitRenderer:
             raise
         seconds = time.perf_counter() - started
         return RenderStats(frames=len(frames), seconds=seconds, device=str(self.device))
+
+    def drawer(
+        self, avatar: PortraitAvatar, width: int, height: int
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Motion rows on the device -> (N, height, width, 3) uint8 frames on the device:
+        the whole photo with the face pasted back, or the face letterboxed."""
+        if self.full_photo(avatar, width, height):
+            paste = self.paste_back(avatar)
+            network = self.network(avatar, paste.net_size)
+            return lambda rows: paste(network(rows))
+        network = self.network(avatar, min(width, height))
+        return lambda rows: _letterbox(network(rows), width, height)
 
     def network(self, avatar: PortraitAvatar, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """What renders this avatar at this size on the chosen path, built once."""
