@@ -215,11 +215,22 @@ def test_a_dotenv_that_is_not_utf8(env):
 
 def test_a_fresh_home_with_an_unreachable_broker_names_the_broker(env, monkeypatch):
     """The default SQLite database is farm's own, so its tables are made whatever the
-    broker: the error is about the broker, not 'no such table'."""
+    broker: the error is about the broker, not 'no such table'. A real process: the
+    Celery app reads its broker once, when first imported, so in this process another
+    test may have fixed it already."""
     monkeypatch.setenv("FARM_BROKER_URL", "redis://127.0.0.1:9/0")
     (env / "s.txt").write_bytes(b"Hello.")
-    lines = refused(env, ["submit", "s.txt"], "could not queue the job")
+    proc = subprocess.run(
+        [sys.executable, "-m", "farm", "submit", "s.txt"],
+        capture_output=True,
+        env={**os.environ},
+        timeout=120,
+    )
+    lines = proc.stderr.decode().rstrip("\n").split("\n")
+    assert proc.returncode == 1 and proc.stdout == b"" and len(lines) == 1, lines
+    assert lines[0].startswith("farm: error: could not queue the job")
     assert "no such table" not in lines[-1] and "127.0.0.1:9" in lines[-1]
+    assert job_rows(env / "home") == 0 and artifacts(env / "home") == []
 
 
 def test_a_configured_database_without_tables_says_to_upgrade(env, monkeypatch):
