@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -63,6 +64,9 @@ def test_thousand_jobs_at_once_all_end_and_the_records_agree(
             pids = {name: p.pid for name, p in workers.procs.items()}
             result = load.run(ctx, tasks.enqueue, N, workers=pids, webhook=receiver.url)
             receiver.wait_for(N, timeout=300)
+            # A worker records an attempt's answer just after the receiver has it:
+            # stop the workers only once every delivery has left 'pending'.
+            _wait_until_settled(postgres_url, timeout=60)
         finally:
             workers.stop()
             fresh_redis_db(6)
@@ -126,6 +130,22 @@ def test_thousand_jobs_at_once_all_end_and_the_records_agree(
     assert len(receiver.received) == N
     assert len({r.headers["webhook-id"] for r in receiver.received}) == N
     assert {r.payload["data"]["job_id"] for r in receiver.received if r.payload} == ids
+
+
+def _wait_until_settled(url: str, timeout: float) -> None:
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                pending = conn.execute(
+                    sa.text("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'")
+                ).scalar()
+            if pending == 0:
+                return
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
 
 
 def test_queue_depth_counts_every_queue_and_priority_list(tmp_path: Path) -> None:
