@@ -362,7 +362,7 @@ def schema_result(current: bool, settings: Settings) -> Result:
 
 
 def check_store(settings: Settings) -> list[Result]:
-    from farm.store import open_store
+    from farm.stores import open_store
 
     shown = mask_url(settings.effective_store_url)
     fix = "create the bucket or correct FARM_STORE_URL"
@@ -383,7 +383,7 @@ def check_avatars(settings: Settings) -> list[Result]:
 
     from farm import queries
     from farm.jobs import BUILTIN_AVATARS
-    from farm.store import open_store
+    from farm.stores import open_store
 
     def listed(db: Any) -> list[tuple[str, str]]:
         with Session(db) as session:

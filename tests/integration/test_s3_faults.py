@@ -403,7 +403,7 @@ def test_wrong_secret_on_the_workers_fails_the_job_at_once(
 def test_downloads_from_a_deleted_bucket_say_so(
     services: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from farm.s3 import S3Store
+    from farm.stores import S3Store
 
     _use_credentials(monkeypatch, "test", "test")
     with moto_s3(bucket) as endpoint:
@@ -430,7 +430,7 @@ def test_downloads_from_a_deleted_bucket_say_so(
 def test_downloads_with_a_wrong_secret_say_so(
     auth_s3: tuple[str, str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from farm.s3 import S3Store
+    from farm.stores import S3Store
 
     url, bucket, key_id, secret = auth_s3
     _use_credentials(monkeypatch, key_id, secret)

@@ -29,7 +29,7 @@ import pytest
 
 from farm.config import Settings
 from farm.errors import InvalidInput, NotFound, PermanentError, RetryableError
-from farm.store import open_store
+from farm.stores import open_store
 from tests.conftest import need_service
 from tests.services import aws_test_env
 
@@ -125,7 +125,7 @@ def bucket(endpoint: str) -> str:
 
 
 def _store(endpoint_url: str, bucket: str, prefix: str = "", **kwargs: Any) -> Any:
-    from farm.s3 import S3Store
+    from farm.stores import S3Store
 
     return S3Store(bucket=bucket, prefix=prefix, endpoint_url=endpoint_url, **kwargs)
 
@@ -174,7 +174,7 @@ def test_bad_keys_are_refused_before_any_request(endpoint: str, bucket: str) -> 
 def test_large_file_goes_multipart_and_downloads_identical(
     endpoint: str, bucket: str, tmp_path: Path
 ) -> None:
-    from farm.s3 import MULTIPART_BYTES
+    from farm.stores.s3 import MULTIPART_BYTES
 
     size = 20 * 1024 * 1024
     assert size > 2 * MULTIPART_BYTES  # so the upload needs three parts
@@ -245,6 +245,81 @@ def test_delete_prefix_pages_past_one_listing(endpoint: str, bucket: str) -> Non
     store = _store(endpoint, bucket, prefix="p")
     assert store.delete_prefix("jobs/many") == len(keys)
     assert _listed(endpoint, bucket) == {"p/jobs/many2/keep"}
+
+
+# --- listing -----------------------------------------------------------------------
+
+
+def test_list_gives_keys_under_the_stores_prefix_sorted(endpoint: str, bucket: str) -> None:
+    store = _store(endpoint, bucket, prefix="root")
+    keys = [
+        "jobs/abc/plan.json",
+        "jobs/abc/chunks/00001.mp4",
+        "jobs/abc/chunks/00000.mp4",
+        "jobs/abcd",
+        "jobs/abc2/deep/er/x.bin",
+        "avatars/demo/photo.png",
+    ]
+    for key in keys:
+        store.put_bytes(key, b"x")
+    raw = _raw_client(endpoint)
+    # Around the store's prefix: a sibling prefix, the bucket's root, a folder marker
+    # and a name no key could have. None of them is one of this store's keys.
+    for other in ("root2/jobs/abc/plan.json", "jobs/abc/plan.json", "root/jobs/dir/", "root/a//b"):
+        raw.put_object(Bucket=bucket, Key=other, Body=b"y")
+
+    assert store.list("") == sorted(keys)
+    assert store.list("jobs/abc") == [
+        "jobs/abc/chunks/00000.mp4",
+        "jobs/abc/chunks/00001.mp4",
+        "jobs/abc/plan.json",
+    ]
+    assert store.list("jobs/abc/") == store.list("jobs/abc")
+    assert store.list("jobs/abcd") == ["jobs/abcd"]  # a key lists itself, as delete_prefix
+    assert store.list("jobs/ab") == []  # whole segments only
+    assert store.list("avatars") == ["avatars/demo/photo.png"]
+    assert store.list("nothing/here") == []
+    # Every listed key is one the other verbs take.
+    assert [store.get_bytes(k) for k in store.list("jobs/abc2")] == [b"x"]
+
+
+def test_list_of_an_empty_bucket_and_of_a_store_without_prefix(endpoint: str, bucket: str) -> None:
+    bare = _store(endpoint, bucket)
+    assert bare.list("") == []
+    assert _store(endpoint, bucket, prefix="p").list("") == []
+    bare.put_bytes("p/jobs/j/x", b"x")
+    bare.put_bytes("top", b"x")
+    assert bare.list("") == ["p/jobs/j/x", "top"]
+    assert _store(endpoint, bucket, prefix="p").list("") == ["jobs/j/x"]
+    with pytest.raises(InvalidInput):
+        bare.list("../up")
+    with pytest.raises(InvalidInput):
+        bare.delete_prefix("")  # listing everything is fine; deleting it is refused
+
+
+def test_list_pages_past_one_listing(endpoint: str, bucket: str) -> None:
+    # ListObjectsV2 answers at most 1000 keys a page: 2500 need three pages. Seeded
+    # straight into moto's backend, as in test_delete_prefix_pages_past_one_listing.
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    keys = [f"jobs/many/chunks/{i:05d}.mp4" for i in range(2500)]
+    for key in reversed(keys):
+        backend.put_object(bucket, f"p/{key}", b"x")
+    backend.put_object(bucket, "p/jobs/many2/keep", b"x")
+
+    store = _store(endpoint, bucket, prefix="p")
+    assert store.list("jobs/many") == keys
+    assert len(store.list("")) == len(keys) + 1
+
+
+def test_size(endpoint: str, bucket: str) -> None:
+    store = _store(endpoint, bucket, prefix="p")
+    store.put_bytes("jobs/j/x", b"12345")
+    assert store.size("jobs/j/x") == 5
+    with pytest.raises(NotFound, match="jobs/j/y"):
+        store.size("jobs/j/y")
 
 
 def _sigv4_query_signature(url: str, secret: str) -> str:
@@ -328,6 +403,8 @@ def test_missing_bucket_is_permanent_and_fast(endpoint: str, tmp_path: Path) -> 
         "put_bytes": lambda: store.put_bytes("jobs/j/x", b"x"),
         "put_file": lambda: store.put_file("jobs/j/x", src),
         "get_bytes": lambda: store.get_bytes("jobs/j/x"),
+        "size": lambda: store.size("jobs/j/x"),
+        "list": lambda: store.list(""),
     }
     for what, call in calls.items():
         t0 = time.monotonic()
@@ -445,6 +522,7 @@ def test_unknown_access_key_is_permanent_credentials_error(
         "check": store.check,
         "put_bytes": lambda: store.put_bytes("jobs/j/x", b"x"),
         "get_bytes": lambda: store.get_bytes("jobs/j/x"),
+        "list": lambda: store.list("jobs"),
     }.items():
         t0 = time.monotonic()
         with pytest.raises(PermanentError, match=r"credentials \(unknown access key\)") as err:
@@ -505,6 +583,8 @@ def test_connection_refused_is_retryable(tmp_path: Path, monkeypatch: pytest.Mon
         "get_file": lambda: store.get_file("jobs/j/x", tmp_path / "out"),
         "exists": lambda: store.exists("jobs/j/x"),
         "delete_prefix": lambda: store.delete_prefix("jobs/j"),
+        "size": lambda: store.size("jobs/j/x"),
+        "list": lambda: store.list(""),
     }.items():
         t0 = time.monotonic()
         with pytest.raises(RetryableError, match="unreachable"):
@@ -605,6 +685,8 @@ def test_5xx_is_retryable_after_bounded_retries(
             "put_file": lambda: store.put_file("jobs/j/x", src),
             "exists": lambda: store.exists("jobs/j/x"),
             "delete_prefix": lambda: store.delete_prefix("jobs/j"),
+            "size": lambda: store.size("jobs/j/x"),
+            "list": lambda: store.list("jobs"),
         }.items():
             seen.clear()
             with pytest.raises(RetryableError, match="S3 is failing"):
@@ -635,7 +717,7 @@ def test_copying_to_a_users_path_from_s3(endpoint: str, bucket: str, tmp_path: P
     """`farm fetch` and `submit --output` on S3: folders are made, a full device is one
     error and stays a device (a download's temp-file rename would have replaced it)."""
     from farm.errors import InvalidInput
-    from farm.store import write_user_file
+    from farm.stores import write_user_file
 
     store = _store(endpoint, bucket)
     store.put_bytes("jobs/j/final.mp4", b"v" * 300_000)
@@ -653,7 +735,7 @@ def test_copying_to_a_users_path_from_s3(endpoint: str, bucket: str, tmp_path: P
 
 
 def test_open_store_builds_s3_store(endpoint: str, bucket: str) -> None:
-    from farm.s3 import S3Store
+    from farm.stores import S3Store
 
     store = open_store(
         Settings(
@@ -678,3 +760,87 @@ def test_open_store_builds_s3_store(endpoint: str, bucket: str) -> None:
 def test_open_store_without_bucket_is_invalid(url: str) -> None:
     with pytest.raises(InvalidInput, match="bucket"):
         open_store(Settings(store_url=url))
+
+
+# --- the nightly inbox -------------------------------------------------------------
+
+
+def _inbox_settings(endpoint_url: str) -> Settings:
+    return Settings(s3_endpoint_url=endpoint_url, s3_region="us-east-1")
+
+
+def test_nightly_copies_an_s3_inbox_through_the_store(
+    endpoint: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from farm import nightly
+
+    monkeypatch.setattr(nightly, "MAX_INBOX_FILE_BYTES", 100)
+    raw = _raw_client(endpoint)
+    objects = {
+        "inbox/night.csv": b"script,output\nscripts/one.txt,one.mp4\n",
+        "inbox/loose.txt": b"Hello there.",
+        "inbox/scripts/one.txt": b"One script.",
+        "inbox/dir/": b"",  # a console's folder marker
+        "inbox/huge.txt": b"x" * 101,  # over the limit: left in the bucket
+        "inbox2/other.txt": b"not this inbox",
+        "elsewhere.txt": b"not this inbox",
+    }
+    for key, body in objects.items():
+        raw.put_object(Bucket=bucket, Key=key, Body=body)
+
+    dest = tmp_path / "copy"
+    dest.mkdir()
+    count = nightly.download_s3(_inbox_settings(endpoint), f"s3://{bucket}/inbox/", dest)
+
+    copied = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert copied == {"night.csv", "loose.txt", "scripts/one.txt"}
+    assert count == 3
+    assert (dest / "scripts" / "one.txt").read_bytes() == b"One script."
+
+    # And the scan of that copy, as the nightly run does it.
+    with nightly.local_inbox(_inbox_settings(endpoint), f"s3://{bucket}/inbox") as root:
+        rows, problems = nightly.scan(root)
+    assert problems == []
+    assert sorted(r.values.get("script") or r.where for r in rows) == [
+        "loose.txt",
+        "scripts/one.txt",
+    ]
+
+
+def test_nightly_stops_at_the_inbox_file_limit(
+    endpoint: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from farm import nightly
+
+    monkeypatch.setattr(nightly, "MAX_INBOX_FILES", 2)
+    for i in range(4):
+        _raw_client(endpoint).put_object(Bucket=bucket, Key=f"in/{i}.txt", Body=b"x")
+    nightly.download_s3(_inbox_settings(endpoint), f"s3://{bucket}/in", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.txt", "1.txt"]
+
+
+def test_nightly_inbox_in_a_missing_bucket_is_permanent(endpoint: str, tmp_path: Path) -> None:
+    from farm import nightly
+
+    inbox = f"s3://farm-absent-{uuid.uuid4().hex[:8]}/inbox"
+    t0 = time.monotonic()
+    with pytest.raises(PermanentError, match=f"cannot list the nightly inbox {inbox}: ") as err:
+        nightly.download_s3(_inbox_settings(endpoint), inbox, tmp_path)
+    assert time.monotonic() - t0 < FAST_S
+    assert "does not exist" in str(err.value)
+    assert not isinstance(err.value, NotFound)
+
+
+def test_nightly_inbox_outages_are_retryable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from farm import nightly
+
+    _no_backoff(monkeypatch)
+    refused = f"http://{HOST}:{_free_port()}"
+    with pytest.raises(RetryableError, match="cannot list the nightly inbox s3://b/in: .*unreach"):
+        nightly.download_s3(_inbox_settings(refused), "s3://b/in", tmp_path)
+    with _serve(_Unavailable) as (url, seen):
+        with pytest.raises(RetryableError, match="cannot list the nightly inbox s3://b/in: S3 is"):
+            nightly.download_s3(_inbox_settings(url), "s3://b/in", tmp_path)
+        assert len(seen) == 4, seen  # botocore's retries, then the store's sorting

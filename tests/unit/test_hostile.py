@@ -15,7 +15,7 @@ import pytest
 from farm import batches, manifest
 from farm.config import Settings, check_cron
 from farm.errors import InvalidInput
-from farm.store import LocalStore, write_user_file
+from farm.stores import LocalStore, write_user_file
 
 # --- formula injection ----------------------------------------------------------------
 

@@ -1,8 +1,6 @@
-"""The artifact store: one namespace of keys for audio, plans, chunks and final videos.
+"""The local directory store (the embedded default), and writing a file the user named.
 
-Workers share nothing but this store, so every artifact goes through it. The local
-directory store is the embedded default; S3-compatible stores plug in behind the
-same four verbs.
+Nothing here imports boto3.
 """
 
 from __future__ import annotations
@@ -12,41 +10,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import urlparse
 
-from farm.config import Settings
 from farm.errors import InvalidInput, NotFound
+from farm.stores.keys import check_key, check_prefix, is_key
 
-
-def job_key(job_id: str, *parts: str) -> str:
-    return "/".join(("jobs", job_id, *parts))
-
-
-def chunk_key(job_id: str, idx: int) -> str:
-    return job_key(job_id, "chunks", f"{idx:05d}.mp4")
-
-
-def avatar_key(name: str, *parts: str) -> str:
-    return "/".join(("avatars", name, *parts))
-
-
-def check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
-        raise InvalidInput(f"invalid artifact key {key!r}")
-    return key
-
-
-class Store(Protocol):
-    def check(self) -> None: ...
-    def put_file(self, key: str, path: Path) -> None: ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-    def get_file(self, key: str, dest: Path) -> Path: ...
-    def get_bytes(self, key: str) -> bytes: ...
-    def exists(self, key: str) -> bool: ...
-    def delete_prefix(self, prefix: str) -> int: ...
-    def url(self, key: str) -> str: ...
+# Writes stage their bytes in a file named so beside the artifact, then rename it.
+_TEMP_PREFIX = ".tmp-"
 
 
 class LocalStore:
@@ -68,7 +37,7 @@ class LocalStore:
     def put_file(self, key: str, path: Path) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_TEMP_PREFIX)
         os.close(fd)
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
@@ -76,7 +45,7 @@ class LocalStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_TEMP_PREFIX)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, dest)
@@ -96,6 +65,31 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(f"artifact {key} is missing from the store")
+        return src.stat().st_size
+
+    def list(self, prefix: str) -> list[str]:
+        """The keys at or under `prefix` ("" for all), sorted. Files a write is still
+        staging, and names no key could have, are not listed."""
+        prefix = check_prefix(prefix)
+        target = self.root / prefix if prefix else self.root
+        if target.is_file():
+            return [prefix]
+        keys = []
+        # os.walk follows no symlinked folders: nothing outside the root is listed.
+        for folder, _, files in os.walk(target):
+            rel = Path(folder).relative_to(self.root).as_posix()
+            for name in files:
+                key = name if rel == "." else f"{rel}/{name}"
+                if name.startswith(_TEMP_PREFIX) or not is_key(key):
+                    continue
+                if (Path(folder) / name).is_file():
+                    keys.append(key)
+        return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> int:
         target = self._path(prefix.rstrip("/"))
@@ -141,23 +135,3 @@ def write_user_file(dest: Path, write: Callable[[Path], object]) -> Path:
             raise InvalidInput(f"cannot write {dest}: {exc.strerror or exc}") from exc
         raise
     return dest
-
-
-def open_store(settings: Settings) -> Store:
-    url = settings.effective_store_url
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return LocalStore(Path(parsed.path))
-    if parsed.scheme == "s3":
-        from farm.s3 import S3Store
-
-        if not parsed.netloc:
-            raise InvalidInput(f"artifact store URL {url!r} names no bucket")
-        return S3Store(
-            bucket=parsed.netloc,
-            prefix=parsed.path.strip("/"),
-            endpoint_url=settings.s3_endpoint_url or None,
-            region=settings.s3_region or None,
-            presign_seconds=settings.presign_seconds,
-        )
-    raise InvalidInput(f"unsupported artifact store URL {url!r} (use file:///path or s3://)")

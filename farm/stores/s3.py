@@ -5,7 +5,10 @@ permanent (the job fails at once with that reason); 5xx, throttling, timeouts an
 refused connections are retryable. Two layers retry those: botocore, a few times
 within seconds, for a blip; then the Celery task, with backoff up to minutes, for an
 outage (workers/tasks.py FarmTask). So a call here gives up quickly: a task waiting for
-its retry holds no worker slot, while a call stuck in botocore does."""
+its retry holds no worker slot, while a call stuck in botocore does.
+
+This is the one place boto errors are sorted. boto3 is imported only when an S3Store
+is made or called, so importing this module costs nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from farm.errors import FarmError, NotFound, PermanentError, RetryableError
-from farm.store import check_key
+from farm.stores.keys import check_key, check_prefix, is_key, under
 
 T = TypeVar("T")
 
@@ -168,8 +171,8 @@ class S3Store:
     @_sorted_errors
     def get_file(self, key: str, dest: Path) -> Path:
         # download_file writes a temp file beside DEST and renames it: never half an
-        # artifact. A device or pipe the user named goes through farm.store's
-        # write_user_file, which stages the file elsewhere first.
+        # artifact. A device or pipe the user named goes through write_user_file
+        # (farm/stores/local.py), which stages the file elsewhere first.
         self.client.download_file(self.bucket, self._key(key), str(dest), Config=self.transfer)
         return dest
 
@@ -190,6 +193,10 @@ class S3Store:
         if problem is not None:
             raise problem
         return False
+
+    @_sorted_errors
+    def size(self, key: str) -> int:
+        return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
 
     @_sorted_errors
     def delete_prefix(self, prefix: str) -> int:
@@ -217,3 +224,21 @@ class S3Store:
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=self.presign_seconds,
         )
+
+    @_sorted_errors
+    def list(self, prefix: str) -> list[str]:
+        """The keys at or under `prefix` ("" for all), sorted, from as many pages of
+        ListObjectsV2 as it takes. Objects under the store's prefix whose names are no
+        key (folder markers ending in "/", "a//b", ".." parts) are not listed."""
+        prefix = check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=root + prefix
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(root) :]
+                if under(key, prefix) and is_key(key):
+                    keys.append(key)
+        return sorted(keys)
