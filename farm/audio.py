@@ -2,7 +2,8 @@
 
 Any container and codec ffmpeg reads (WAV, MP3, M4A/AAC, FLAC, ...) at any sample
 rate and channel count becomes mono 16-bit PCM at 22050 Hz, the rate of the TTS
-engines, so the rest of the pipeline sees the same audio as for a script job.
+engines (models/wav.py), so the rest of the pipeline sees the same audio as for a
+script job.
 Refused with one clear line (InvalidInput), before any job row exists: a file
 ffmpeg cannot decode as audio, an empty one, one that is silent throughout, and
 one longer than FARM_MAX_AUDIO_SECONDS. Decoding stops just past the limit, so
@@ -13,15 +14,15 @@ from __future__ import annotations
 
 import io
 import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
 
 from farm.errors import InvalidInput
 from farm.media import ffmpeg_exe
+from models.base import Speech
+from models.wav import SAMPLE_RATE, write_wav
 
-SAMPLE_RATE = 22050
 # Windows of 20 ms; a file whose loudest window stays under -50 dBFS RMS is silence.
 _WINDOW_S = 0.02
 _SILENCE_DBFS = -50.0
@@ -90,9 +91,5 @@ def loudest_window_dbfs(samples: np.ndarray) -> float:
 def to_wav(samples: np.ndarray) -> bytes:
     """Mono 16-bit PCM WAV at SAMPLE_RATE."""
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE)
-        wav.writeframes(samples.astype("<i2").tobytes())
+    write_wav(Speech(samples=samples, sample_rate=SAMPLE_RATE), buf)
     return buf.getvalue()

@@ -207,7 +207,7 @@ def _whisper() -> Any:
 
 def recognise_words(samples: np.ndarray, rate: int) -> list[Word]:
     """Words and their times (seconds from the start of `samples`, mono int16)."""
-    from models.tts import resample
+    from models.wav import resample
 
     audio = resample(samples, rate, ASR_RATE).astype(np.float32) / 32768.0
     segments, _info = _whisper().transcribe(

@@ -11,6 +11,8 @@ import pytest
 from farm import migrate
 from farm.config import Settings
 from farm.context import Context
+from farm.dispatch import InMemoryDispatcher
+from tests.services import fresh_redis_db, redis_up, scheduling_env
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -75,12 +77,27 @@ def postgres_url():
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_ctx(request, tmp_path: Path) -> Context:
-    """A Context on a fresh, migrated database: SQLite, then real Postgres."""
+    """A Context on a fresh, migrated database: SQLite, then real Postgres; what it
+    queues stays in its in-memory dispatcher (tests/pipeline.py runs the stages)."""
     url = ""
     if request.param == "postgres":
         url = request.getfixturevalue("postgres_url")
     settings = Settings(home=tmp_path / "home", database_url=url)
     migrate.upgrade(settings.effective_database_url)
-    ctx = Context(settings)
+    ctx = Context(settings, InMemoryDispatcher())
     yield ctx
     ctx.engine.dispose()
+
+
+@pytest.fixture
+def farm_env(request: pytest.FixtureRequest, postgres_url: str, tmp_path: Path):
+    """The environment of farm processes for a test about scheduling (scheduling_env):
+    real Redis and a fresh, migrated Postgres. The test module names its own Redis
+    database in REDIS_DB (flushed before and after: no module sees another's queues)
+    and may add settings in FARM_ENV."""
+    need_service(redis_up(), "Redis at 127.0.0.1:6379")
+    redis_db = request.module.REDIS_DB
+    migrate.upgrade(postgres_url)
+    extra = getattr(request.module, "FARM_ENV", {})
+    yield scheduling_env(tmp_path, fresh_redis_db(redis_db), postgres_url, **extra)
+    fresh_redis_db(redis_db)

@@ -42,9 +42,9 @@ def word_error_rate(reference: list[str], hypothesis: list[str]) -> float:
 def recording(tmp_path_factory) -> dict[str, object]:
     """Two espeak sentences with silence around and between them, as 44.1 kHz stereo
     WAV, MP3 and M4A; and where the speech is (seconds)."""
-    from models import tts
+    from models import tts, wav
 
-    rate = tts.SAMPLE_RATE
+    rate = wav.SAMPLE_RATE
     a = tts.synthesize(FIRST, "espeak").samples
     b = tts.synthesize(SECOND, "espeak").samples
 
@@ -56,7 +56,7 @@ def recording(tmp_path_factory) -> dict[str, object]:
     second = (first[1] + GAP, first[1] + GAP + b.size / rate)
     root = tmp_path_factory.mktemp("audio")
     mono = root / "mono.wav"
-    tts.write_wav(tts.Speech(samples=samples, sample_rate=rate), mono)
+    wav.write_wav(tts.Speech(samples=samples, sample_rate=rate), mono)
     files = {}
     for name, codec in (("stereo.wav", "pcm_s16le"), ("speech.mp3", "libmp3lame"),
                         ("speech.m4a", "aac")):  # fmt: skip

@@ -16,35 +16,21 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
-from farm import migrate
-from tests.conftest import need_service
 from tests.probe import probe
 from tests.services import (
     Workers,
     farm_argv,
-    fresh_redis_db,
-    redis_up,
     running_chunk,
-    scheduling_env,
     submit_script,
 )
 
 SCRIPT = b"A render worker dies in the middle of this chunk. Another one finishes the job."
 
 
-@pytest.fixture
-def farm_env(postgres_url: str, tmp_path: Path):
-    need_service(redis_up(), "Redis at 127.0.0.1:6379")
-    migrate.upgrade(postgres_url)
-    # A killed worker's unacknowledged message comes back after FARM_VISIBILITY_TIMEOUT.
-    yield scheduling_env(
-        tmp_path,
-        fresh_redis_db(15),
-        postgres_url,
-        FARM_NULL_FRAME_MS="40",
-        FARM_VISIBILITY_TIMEOUT="8",
-    )
-    fresh_redis_db(15)
+# farm_env (tests/conftest.py): its Redis database and settings. A killed worker's
+# unacknowledged message comes back after FARM_VISIBILITY_TIMEOUT.
+REDIS_DB = 15
+FARM_ENV = {"FARM_NULL_FRAME_MS": "40", "FARM_VISIBILITY_TIMEOUT": "8"}
 
 
 def _submit(env: dict[str, str], out: Path, wait: bool = True) -> subprocess.Popen:

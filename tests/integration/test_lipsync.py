@@ -31,8 +31,10 @@ from farm.script import split_script
 from models import tts
 from models.base import Phone, Plan
 from models.portrait import PortraitAvatar, PortraitRenderer, demo_photo
-from models.stages import assemble_audio
+from models.timeline import assemble_audio
+from models.wav import write_wav
 from tests import lipsync_measure as measure
+from tests.doubles import ListSink
 from tests.probe import probe
 
 # Bilabials against open vowels, both stressed and not, two sentences run together
@@ -88,20 +90,6 @@ DECODED_PSNR_MIN = 34.0
 # chunks and one CRF 20 encode: inside chunks p95 0.06, max 0.12; at joins max 0.03.
 # Lossy CRF 20 chunks joined by stream copy (the first design) added ~1 at every join.
 SEAM_MAX = 0.25
-
-
-class ListSink:
-    """Collects what a render call writes, as a worker's encoder would receive it."""
-
-    def __init__(self) -> None:
-        self.batches: list[np.ndarray] = []
-
-    def write(self, frames: np.ndarray) -> None:
-        self.batches.append(frames.copy())
-
-    @property
-    def frames(self) -> np.ndarray:
-        return np.concatenate(self.batches)
 
 
 @dataclass(repr=False)  # arrays: keep failure reports readable
@@ -374,7 +362,7 @@ def chunked(
         encoder.close()
     wav = work / "audio.wav"
     speech = clip.speech
-    tts.write_wav(tts.Speech(samples=speech.samples, sample_rate=speech.rate), wav)
+    write_wav(tts.Speech(samples=speech.samples, sample_rate=speech.rate), wav)
     ordered = [parts[i] for i in range(len(starts))]
     final = work / "final.mp4"
     join_and_encode(ordered, wav, final, VideoFormat.delivery(plan.width, plan.height, plan.fps))

@@ -21,14 +21,9 @@ from tests.services import Workers, farm_argv, fresh_redis_db, moto_s3, redis_up
 BUCKET = "farm-it"
 
 
-@pytest.fixture(scope="module")
-def farm_env(tmp_path_factory):
-    need_service(redis_up(), "Redis at 127.0.0.1:6379")
-    yield
-
-
 @pytest.fixture
-def production(farm_env, postgres_url, tmp_path, monkeypatch):
+def production(postgres_url, tmp_path, monkeypatch):
+    need_service(redis_up(), "Redis at 127.0.0.1:6379")
     with moto_s3(BUCKET) as endpoint:
         env = {
             "FARM_HOME": str(tmp_path / "home"),

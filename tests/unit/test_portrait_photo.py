@@ -13,14 +13,7 @@ from models.portrait import PortraitAvatar, PortraitRenderer, demo_photo
 from models.portrait.avatar import CROP_SIZE, MAX_PHOTO_SIDE, _fit_photo
 from models.portrait.landmarks import LOWER_INNER_LIP, UPPER_INNER_LIP
 from models.portrait.renderer import FEATHER
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.batches: list[np.ndarray] = []
-
-    def write(self, frames: np.ndarray) -> None:
-        self.batches.append(frames.copy())
+from tests.doubles import ListSink
 
 
 @pytest.fixture(scope="module")
