@@ -1,7 +1,7 @@
-"""Avatar registration from the control plane: check the photo, hand it to a worker.
+"""Avatars on the control plane: check the photo, hand it to a worker, list them.
 
-Landmark detection needs the ML stack, so it runs in a worker (models/stages.py);
-the CLI only validates the file and waits for the result.
+Landmark detection needs the ML stack, so it runs in a worker (workers/avatars.py);
+here the file is only validated and the result waited for.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from farm import queries
 from farm.config import Settings
 from farm.context import Context
-from farm.errors import FarmError, InvalidInput, RetryableError
-from farm.store import avatar_key
+from farm.db import Avatar
+from farm.errors import InvalidInput
+from farm.stores import avatar_key
 
 MAX_PHOTO_BYTES = 50 * 1024 * 1024
 
@@ -91,17 +93,45 @@ def read_photo(path: Path, settings: Settings) -> bytes:
     return data
 
 
-def register(ctx: Context, tasks: Any, name: str, photo: bytes, timeout: float) -> str:
+def register(ctx: Context, name: str, photo: bytes, timeout: float) -> str:
     """Store the photo, have a worker register it, wait. Nothing is left on failure."""
     source = avatar_key(name, f"source-{int(time.time() * 1000)}")
     ctx.store.put_bytes(source, photo)
     try:
-        result = tasks.app.send_task("farm.register_avatar", args=(name, source))
-        return str(result.get(timeout=timeout, propagate=True))
-    except Exception as exc:
+        return ctx.dispatch.register_avatar(name, source, timeout)
+    except BaseException:
         ctx.store.delete_prefix(source)
-        if isinstance(exc, FarmError):
-            raise
-        if type(exc).__name__ == "TimeoutError":
-            raise RetryableError(f"no worker registered {name!r} within {timeout:.0f} s") from exc
-        raise InvalidInput(f"avatar {name!r} was not added: {exc}") from exc
+        raise
+
+
+def add(ctx: Context, name: str, photo: Path, timeout: float, webhook: str | None) -> str:
+    """`farm avatar add`: everything checked before the (slow) registration; the
+    avatar's default webhook recorded after it. Returns the artifact key."""
+    from farm import jobs, webhooks
+
+    jobs.check_avatar_name(name)
+    if webhook:
+        webhooks.check_target(webhook, ctx.settings)
+    key = register(ctx, name, read_photo(photo, ctx.settings), timeout)
+    if webhook:
+        with ctx.session() as s:
+            queries.set_avatar_webhook(s, name, webhook)
+    return key
+
+
+def listing(ctx: Context) -> tuple[list[Avatar], list[str]]:
+    """The registered avatars, and the built-in names not registered yet."""
+    from farm.jobs import BUILTIN_AVATARS
+
+    with ctx.session() as s:
+        rows = queries.list_avatars(s)
+    names = {a.name for a in rows}
+    return rows, [n for n in BUILTIN_AVATARS if n not in names]
+
+
+def find(ctx: Context, name: str) -> Avatar | None:
+    from farm.jobs import check_avatar_name
+
+    check_avatar_name(name)
+    with ctx.session() as s:
+        return queries.get_avatar(s, name)

@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import jobs, manifest, queries, script, states
+from farm import jobs, manifest, pipeline, queries, script, states
 from farm.context import Context
 from farm.db import Batch, Job
 from farm.errors import InvalidInput, RetryableError
@@ -39,9 +39,6 @@ log = logging.getLogger("farm.batches")
 BULK_PRIORITY = 1  # interactive jobs keep JobRequest's default, 5
 RUNNING, COMPLETED = "running", "completed"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-# job id -> its first task is queued (workers.tasks.enqueue on the bulk lane)
-Enqueue = Callable[[str], None]
 
 
 def check_name(name: str) -> str:
@@ -65,10 +62,9 @@ def report_key(name: str) -> str:
     return batch_key(name, "report.json")
 
 
-def is_bulk(ctx: Context, job_id: str) -> bool:
-    """Whether a job's tasks go to the bulk lane."""
-    with ctx.session() as s:
-        return queries.job_priority(s, job_id) <= BULK_PRIORITY
+def is_bulk_priority(priority: int) -> bool:
+    """Whether a job of this priority runs on the bulk lane (cpu_bulk, render_bulk)."""
+    return priority <= BULK_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -185,7 +181,6 @@ def submit(
     name: str,
     checked: Checked,
     options: Options,
-    enqueue: Enqueue,
     *,
     source: str = "",
     webhook: str | None = None,
@@ -198,6 +193,7 @@ def submit(
     check_name(name)
     if not checked.rows:
         raise InvalidInput(f"batch {name}: no valid rows to submit")
+    ctx.store.check()  # a missing bucket or bad credentials: refuse before any row
     key_scope = scope or name
     keyed = [(manifest.row_key(key_scope, r, options.key_parts()), r) for r in checked.rows]
     invalid = [{"row": p.where, "line": p.line, "reason": p.reason} for p in checked.problems]
@@ -212,7 +208,7 @@ def submit(
                 raise RetryableError(f"batch {name} is being submitted concurrently") from exc
     for i, job_id in enumerate(created):
         try:
-            enqueue(job_id)
+            ctx.dispatch.enqueue(pipeline.PREPARE, job_id, bulk=True)
         except Exception as exc:  # the broker refused: these jobs were never accepted
             _forget(ctx, batch_id, created[i:])
             raise RetryableError(
@@ -262,28 +258,28 @@ def _insert(
             )
         queries.reopen_batch(s, batch.id, invalid)  # first: it locks the batch row
         for key, row in new:
-            job_id = uuid.uuid4().hex
-            queries.insert_job(
-                s,
-                id=job_id,
-                avatar=row.avatar,
-                renderer=ctx.settings.renderer,
-                voice=row.voice,
+            request = jobs.JobRequest(
                 script=row.script,
+                avatar=row.avatar,
+                voice=row.voice,
                 fps=options.fps,
-                width=options.size[0],
-                height=options.size[1],
+                size=options.size,
                 chunk_frames=options.chunk_frames,
                 # Derived from the key, so the same row renders the same motion again.
                 seed=options.seed if options.seed is not None else int(key[3:11], 16) % 2**31,
                 priority=BULK_PRIORITY,
+            )
+            job = jobs.new_row(
+                ctx,
+                request,
+                row.webhook,
                 idempotency_key=key,
-                webhook_url=row.webhook,
                 batch_id=batch.id,
                 batch_row=row.where,
                 target_key=output_key(name, row.output),
             )
-            created.append(job_id)
+            queries.insert_job(s, **job)
+            created.append(job["id"])
         return batch.id, created
 
 
@@ -321,7 +317,20 @@ class Completion:
     delivery_id: str | None  # the batch.completed webhook, when one was sent
 
 
-def complete(ctx: Context, batch_id: str, send: Any = None) -> Completion | None:
+def job_ended(ctx: Context, job_id: str, report_here: bool = False) -> Completion | None:
+    """After a job reached a final state (each time: it is idempotent): the last job
+    of a batch completes the batch, once, and has it reported: by a worker, or, with
+    `report_here`, by this call (`farm cancel`), which returns the Completion."""
+    batch_id = job_finished(ctx, job_id)
+    if batch_id is None:
+        return None
+    if report_here:
+        return complete(ctx, batch_id)
+    ctx.dispatch.report_batch(batch_id)
+    return None
+
+
+def complete(ctx: Context, batch_id: str) -> Completion | None:
     """Write the report of a completed batch to the store and send its
     batch.completed event, once per completion. None when there is nothing to do
     (running again, or this completion was already reported)."""
@@ -342,7 +351,7 @@ def complete(ctx: Context, batch_id: str, send: Any = None) -> Completion | None
         from farm import webhooks
 
         delivery = webhooks.enqueue_event(
-            ctx, webhooks.BATCH_COMPLETED, event, batch.webhook_url, batch_id=batch_id, send=send
+            ctx, webhooks.BATCH_COMPLETED, event, batch.webhook_url, batch_id=batch_id
         )
     log.info("batch %s reported to %s", batch.name, key)
     return Completion(batch_id, key, event, delivery)

@@ -14,13 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from farm import jobs, queries, states
 from farm.context import Context
-from farm.errors import FarmError
+from farm.db import Job
+from farm.errors import FarmError, InvalidInput, RetryableError
 
 if TYPE_CHECKING:
     from farm.load import LoadResult
@@ -31,12 +32,12 @@ DEFAULT_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "bench.tx
 def stage_figures(
     script: Path, runs: int, sizes: str, threads: str, device: str, batch: str = "16"
 ) -> dict:
-    """Runs models.bench in a child process so this one never imports torch."""
+    """Runs farm/bench_stages.py in a child process so this one never imports torch."""
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "models.bench",
+            "farm.bench_stages",
             "--script",
             str(script),
             "--runs",
@@ -61,31 +62,17 @@ def stage_figures(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def end_to_end(ctx: Context, enqueue: Any, script_text: str, runs: int) -> dict[str, float]:
+def end_to_end(ctx: Context, script_text: str, runs: int) -> dict[str, float]:
     """Whole jobs through the running farm: wall time from submit to published."""
     ratios, walls, audio = [], [], 0.0
     for _ in range(runs):
+        size = (ctx.settings.size, ctx.settings.size)
         req = jobs.JobRequest(
-            script_text,
-            "demo",
-            "joe",
-            ctx.settings.fps,
-            (ctx.settings.size, ctx.settings.size),
-            ctx.settings.chunk_frames,
-            seed=1,
+            script_text, "demo", "joe", ctx.settings.fps, size, ctx.settings.chunk_frames, seed=1
         )
         started = time.perf_counter()
-        job_id = jobs.create(ctx, req)
-        enqueue("farm.prepare", job_id)
-        while True:
-            with ctx.session() as s:
-                job = queries.get_job(s, job_id)
-            if job.state in states.FINAL:
-                break
-            time.sleep(0.1)
+        job = _run_job(ctx, req)
         wall = time.perf_counter() - started
-        if job.state != states.SUCCEEDED:
-            raise FarmError(f"benchmark job {job_id} {job.state}: {job.error}")
         audio = job.audio_seconds or 0.0
         walls.append(wall)
         ratios.append(wall / audio)
@@ -94,6 +81,20 @@ def end_to_end(ctx: Context, enqueue: Any, script_text: str, runs: int) -> dict[
         "wall_seconds": statistics.median(walls),
         "wall_over_audio": statistics.median(ratios),
     }
+
+
+def _run_job(ctx: Context, req: jobs.JobRequest, timeout: float = 600) -> Job:
+    """Submit one job and wait until it has succeeded (FarmError otherwise)."""
+    job_id = jobs.submit(ctx, req)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = jobs.find(ctx, job_id)
+        if job.state in states.FINAL:
+            if job.state != states.SUCCEEDED:
+                raise FarmError(f"benchmark job {job_id} {job.state}: {job.error}")
+            return job
+        time.sleep(0.05)
+    raise FarmError(f"benchmark job {job_id} did not finish in {timeout:.0f} s")
 
 
 def format_report(stages: dict, e2e: dict | None) -> str:
@@ -152,24 +153,23 @@ SCALING_SCRIPT = (
 
 
 def scaling(
-    ctx: Context,
-    enqueue: Any,
-    worker_counts: list[int],
-    frame_ms: int,
-    chunk_frames: int,
-    start_workers: Any,
+    ctx: Context, worker_counts: list[int], frame_ms: int, chunk_frames: int = 5
 ) -> list[dict[str, float]]:
-    """Chunk throughput with W render workers, and the farm's overhead per chunk.
+    """Chunk throughput with W render workers of its own, and the farm's overhead per
+    chunk (`farm bench --workers`).
 
     The `null` renderer stands in for the GPU: each frame takes `frame_ms` of wall
     time (0: no work at all). Overhead per chunk = (W x rendering wall time - time
     spent rendering and encoding) / chunks: dispatch, state updates, store round trips.
     """
+    _need_services(ctx, "--workers")
+    env = {**os.environ, "FARM_NULL_FRAME_MS": str(frame_ms), "FARM_RENDER_THREADS": "1"}
     rows = []
     for count in worker_counts:
-        with start_workers(count, frame_ms):
-            _run_job(ctx, enqueue, "Warm up.", chunk_frames)
-            job_id = _run_job(ctx, enqueue, SCALING_SCRIPT, chunk_frames)
+        renders = [(f"bench-render{i}", "render", 1) for i in range(count)]
+        with run_workers(ctx, [("bench-cpu", "cpu", 2), *renders], env):
+            _run_job(ctx, _null_job(ctx, "Warm up.", chunk_frames))
+            job_id = _run_job(ctx, _null_job(ctx, SCALING_SCRIPT, chunk_frames)).id
         with ctx.session() as s:
             chunks = queries.get_chunks(s, job_id)
         first = min(c.started_at for c in chunks if c.started_at)
@@ -189,22 +189,37 @@ def scaling(
     return rows
 
 
-def _run_job(ctx: Context, enqueue: Any, text: str, chunk_frames: int) -> str:
-    req = jobs.JobRequest(
-        text, "demo", "joe", ctx.settings.fps, (64, 64), chunk_frames, seed=1, renderer="null"
+def _null_job(ctx: Context, text: str, chunk_frames: int) -> jobs.JobRequest:
+    fps = ctx.settings.fps
+    return jobs.JobRequest(
+        text, "demo", "joe", fps, (64, 64), chunk_frames, seed=1, renderer="null"
     )
-    job_id = jobs.create(ctx, req)
-    enqueue("farm.prepare", job_id)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        with ctx.session() as s:
-            job = queries.get_job(s, job_id)
-        if job.state in states.FINAL:
-            if job.state != states.SUCCEEDED:
-                raise FarmError(f"benchmark job {job_id} {job.state}: {job.error}")
-            return job_id
-        time.sleep(0.05)
-    raise FarmError(f"benchmark job {job_id} did not finish in 600 s")
+
+
+def load(ctx: Context, n: int) -> LoadResult:
+    """N jobs at once on a cpu and a render worker of the configured concurrency,
+    with the null renderer: the farm's scheduling under load, not rendering
+    (`farm bench --load`)."""
+    from farm import load as under_load
+
+    _need_services(ctx, "--load")
+    under_load.queue_depth_reader(ctx.settings)()  # not Redis, or down: refused first
+    env = {**os.environ, "FARM_RENDERER": "null", "FARM_NULL_FRAME_MS": "0"}
+    specs = [
+        ("load-cpu", "cpu", ctx.settings.cpu_concurrency),
+        ("load-render", "render", ctx.settings.render_concurrency),
+    ]
+    with run_workers(ctx, specs, env) as pids:
+        roles = {name.removeprefix("load-"): pid for name, pid in pids.items()}
+        return under_load.run(ctx, n, workers=roles)
+
+
+def _need_services(ctx: Context, option: str) -> None:
+    if ctx.settings.embedded:
+        raise InvalidInput(
+            f"{option} measures a farm on real services: set FARM_BROKER_URL "
+            "(and FARM_DATABASE_URL) first"
+        )
 
 
 def format_scaling(rows: list[dict[str, float]]) -> str:
@@ -224,9 +239,7 @@ def format_scaling(rows: list[dict[str, float]]) -> str:
 
 @contextlib.contextmanager
 def run_workers(
-    specs: list[tuple[str, str, int]],
-    env: dict[str, str],
-    wait_ready: Callable[[set[str]], None],
+    ctx: Context, specs: list[tuple[str, str, int]], env: dict[str, str]
 ) -> Iterator[dict[str, int]]:
     """The benchmark's own workers, (name, queue, concurrency) each, logging to a temp
     directory. Yields name -> pid of each main process; a warm shutdown at the end."""
@@ -243,13 +256,22 @@ def run_workers(
                 procs[name] = subprocess.Popen(
                     argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                 )
-        wait_ready({f"{name}@" for name in procs})
+        _wait_ready(ctx, {f"{name}@" for name in procs})
         yield {name: p.pid for name, p in procs.items()}
     finally:
         for p in procs.values():
             os.killpg(p.pid, signal.SIGTERM)
         for p in procs.values():
             p.wait(timeout=120)
+
+
+def _wait_ready(ctx: Context, prefixes: set[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = ctx.dispatch.workers()
+        if all(any(s.startswith(p) for s in seen) for p in prefixes):
+            return
+    raise RetryableError(f"benchmark workers did not start within {timeout:.0f} s")
 
 
 def format_load(r: LoadResult) -> str:

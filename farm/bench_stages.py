@@ -25,7 +25,8 @@ from farm.script import split_script
 from models import tts
 from models.base import Phone
 from models.registry import get_renderer
-from models.stages import assemble_audio
+from models.timeline import assemble_audio
+from models.wav import write_wav
 
 FPS = 25
 CHUNK_FRAMES = 50  # the mux joins the encoded frames as chunks of this many
@@ -161,7 +162,7 @@ def bench_render(
             encode(chunks[-1], first, min(CHUNK_FRAMES, frames - first))
         audio = tts.Speech(samples=samples[: int(frames / FPS * rate)], sample_rate=rate, phones=[])
         with open(tmp / "audio.wav", "wb") as f:
-            tts.write_wav(audio, f)
+            write_wav(audio, f)
         final = VideoFormat.delivery(size[0], size[1], FPS, codec)
         mux_s, _ = _median_time(
             lambda: join_and_encode(chunks, tmp / "audio.wav", tmp / "out.mp4", final), runs

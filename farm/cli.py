@@ -89,17 +89,38 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def make_context(start_runtime: bool = True) -> Context:
-    """Settings read once; the embedded default is brought up on demand."""
+def make_context() -> Context:
+    """Settings read once; the dispatcher wired; the embedded default brought up on
+    demand, when the first message is sent."""
     settings = Settings.from_env()
-    ctx = Context(settings)
+    # A dispatcher handed in as click's `obj` (`main(obj=...)`: a test, an embedding
+    # program) is used as it is.
+    given = click.get_current_context(silent=True)
+    dispatcher = given.obj if given is not None and given.obj is not None else None
+    ctx = Context(settings, dispatcher or _OnDemandDispatcher(settings))
     if not settings.database_url:  # the SQLite file under FARM_HOME is farm's own
         _ensure_schema(ctx)
-    if settings.embedded and start_runtime:
-        from farm import embedded
-
-        embedded.ensure_running(settings)
     return ctx
+
+
+class _OnDemandDispatcher:
+    """The Celery dispatcher (workers/dispatch.py), made on first use: most commands
+    send nothing, and so import no Celery and start no embedded runtime."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.inner: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self.inner is None:
+            if self.settings.embedded:
+                from farm import embedded
+
+                embedded.ensure_running(self.settings)
+            from workers.dispatch import CeleryDispatcher
+
+            self.inner = CeleryDispatcher.for_settings(self.settings)
+        return getattr(self.inner, name)
 
 
 def _ensure_schema(ctx: Context) -> None:
@@ -108,12 +129,6 @@ def _ensure_schema(ctx: Context) -> None:
     url = ctx.settings.effective_database_url
     if not migrate.is_current(ctx.engine, url):
         migrate.upgrade(url)
-
-
-def _celery() -> Any:
-    from workers import tasks
-
-    return tasks
 
 
 class _OneLineError(click.ClickException):
@@ -280,14 +295,8 @@ def submit(
         seed=seed,
         webhook=webhook,
     )
-    ctx = make_context(start_runtime=False)
-    jobs.validate(ctx, request)
-    ctx.store.check()  # a missing bucket or bad credentials: refuse now, not after TTS
-    if ctx.settings.embedded:
-        from farm import embedded
-
-        embedded.ensure_running(ctx.settings)
-    job_id = jobs.submit(ctx, request, _celery().enqueue)
+    ctx = make_context()
+    job_id = jobs.submit(ctx, request)
     click.echo(job_id)
     if wait:
         _wait(ctx, job_id, output)
@@ -306,9 +315,7 @@ def _wait(ctx: Context, job_id: str, output: Path | None) -> None:
     down_since: float | None = None
     while True:
         try:
-            with ctx.session() as s:
-                prog = queries.progress(s, job_id)
-                job = queries.get_job(s, job_id)
+            job, prog = jobs.progress(ctx, job_id)
         except OUTAGE_ERRORS as exc:
             # A database restart: keep polling, quietly, for a while.
             down_since = down_since or time.monotonic()
@@ -342,7 +349,7 @@ def _wait(ctx: Context, job_id: str, output: Path | None) -> None:
 
 def _save_output(ctx: Context, job: Any, dest: Path) -> None:
     """Copy a finished job's MP4 to DEST; the job keeps it whatever happens here."""
-    from farm.store import write_user_file
+    from farm.stores import write_user_file
 
     try:
         write_user_file(dest, lambda path: ctx.store.get_file(job.output_key, path))
@@ -401,11 +408,8 @@ def _fmt_seconds(value: float | None) -> str:
 @fail_cleanly
 def status(job_id: str) -> None:
     """Show a job's state, progress, timings and output (JOB may be an id prefix)."""
-    ctx = make_context(start_runtime=False)
-    with ctx.session() as s:
-        job = queries.find_job_by_prefix(s, job_id)
-        prog = queries.progress(s, job.id)
-        chunks = queries.get_chunks(s, job.id)
+    ctx = make_context()
+    job, prog, chunks = jobs.overview(ctx, job_id)
     click.echo(f"job       {job.id}")
     click.echo(f"state     {job.state} ({prog.fraction:.0%})")
     click.echo(f"avatar    {job.avatar}  voice {job.voice}  {job.width}x{job.height}@{job.fps}")
@@ -439,14 +443,10 @@ def status(job_id: str) -> None:
 @fail_cleanly
 def list_jobs(limit: int, state: str | None) -> None:
     """List recent jobs, newest first."""
-    ctx = make_context(start_runtime=False)
-    with ctx.session() as s:
-        listed = queries.list_jobs(s, limit, state)
-        done = queries.chunks_done_by_job(s, [j.id for j in listed])
+    listed = jobs.listing(make_context(), limit, state)
     click.echo(f"{'JOB':12}  {'STATE':10}  {'PROGRESS':>8}  {'AUDIO':>7}  {'WALL':>7}  AVATAR")
-    for job in listed:
+    for job, fraction in listed:
         wall = (job.timings or {}).get("total")
-        fraction = states.progress(job.state, done.get(job.id, 0), job.chunks_total)
         click.echo(
             f"{job.id[:12]:12}  {job.state:10}  {fraction:>8.0%}  "
             f"{_fmt_seconds(job.audio_seconds):>7}  {_fmt_seconds(wall):>7}  {job.avatar}"
@@ -458,25 +458,13 @@ def list_jobs(limit: int, state: str | None) -> None:
 @fail_cleanly
 def cancel(job_id: str) -> None:
     """Cancel a job: queued tasks never start, running chunks stop within a frame batch."""
-    ctx = make_context(start_runtime=False)
-    job = jobs.cancel(ctx, job_id)
-    try:
-        _celery().revoke_job(job.id, job.segments_total, job.chunks_total)
-    except Exception as exc:  # the flag alone still stops every task that runs
-        click.echo(f"farm: warning: could not revoke queued tasks: {exc}", err=True)
-    click.echo(f"cancelled {job.id}")
-    _batch_job_ended(ctx, job.id)
-
-
-def _batch_job_ended(ctx: Context, job_id: str) -> None:
-    """A cancelled job may be the last of its batch: then the batch completes here."""
-    from farm import batches
-
-    batch_id = batches.job_finished(ctx, job_id)
-    if batch_id is not None:
-        done = batches.complete(ctx, batch_id)
-        if done is not None:
-            click.echo(f"batch completed; report at {ctx.store.url(done.report_key)}")
+    ctx = make_context()
+    outcome = jobs.cancel(ctx, job_id)
+    if outcome.not_revoked:
+        click.echo(f"farm: warning: could not revoke queued tasks: {outcome.not_revoked}", err=True)
+    click.echo(f"cancelled {outcome.job.id}")
+    if outcome.batch is not None:
+        click.echo(f"batch completed; report at {ctx.store.url(outcome.batch.report_key)}")
 
 
 @main.command()
@@ -484,11 +472,10 @@ def _batch_job_ended(ctx: Context, job_id: str) -> None:
 @fail_cleanly
 def retry(job_id: str) -> None:
     """Re-run a failed job from where it failed: only its unfinished chunks (or stage)."""
-    ctx = make_context()
-    job, stage, items = jobs.retry(ctx, job_id)
-    _celery().resume(job.id, stage, items)
-    what = f"{len(items)} {stage} task(s)" if items else stage
-    click.echo(f"retrying {job.id}: {what}")
+    work = jobs.retry(make_context(), job_id)
+    stage = work.stage.name
+    what = f"{len(work.items)} {stage} task(s)" if work.items else stage
+    click.echo(f"retrying {work.job_id}: {what}")
 
 
 @main.command()
@@ -503,10 +490,13 @@ def retry(job_id: str) -> None:
 def sweep(stall_seconds: int | None) -> None:
     """Queue again the work of jobs whose messages were lost (beat does this every
     FARM_SWEEP_SECONDS). Safe at any time: every stage is idempotent."""
+    from farm import sweep as lost
+
     ctx = make_context()
     if stall_seconds is not None:
-        ctx = Context(dataclasses.replace(ctx.settings, stall_seconds=stall_seconds))
-    n = _celery().sweep_and_queue(ctx)
+        settings = dataclasses.replace(ctx.settings, stall_seconds=stall_seconds)
+        ctx = Context(settings, ctx.dispatcher)
+    n = lost.run(ctx)
     click.echo(f"{n} stalled job(s) queued again")
 
 
@@ -542,17 +532,9 @@ def avatar() -> None:
 @fail_cleanly
 def avatar_add(name: str, photo: Path, timeout: float, webhook: str | None) -> None:
     """Register NAME from a photo: face landmarks and caches, done by a worker."""
-    from farm import avatars, webhooks
+    from farm import avatars
 
-    jobs.check_avatar_name(name)
-    if webhook:  # refuse a bad target before the (slow) registration
-        webhooks.check_target(webhook, Settings.from_env())
-    data = avatars.read_photo(photo, Settings.from_env())
-    ctx = make_context()
-    key = avatars.register(ctx, _celery(), name, data, timeout)
-    if webhook:
-        with ctx.session() as s:
-            queries.set_avatar_webhook(s, name, webhook)
+    key = avatars.add(make_context(), name, photo, timeout, webhook)
     click.echo(f"added avatar {name} ({key})")
 
 
@@ -560,15 +542,13 @@ def avatar_add(name: str, photo: Path, timeout: float, webhook: str | None) -> N
 @fail_cleanly
 def avatar_list() -> None:
     """List registered avatars (built-in ones register on first use)."""
-    ctx = make_context(start_runtime=False)
-    with ctx.session() as s:
-        rows = queries.list_avatars(s)
-    names = {a.name for a in rows}
+    from farm import avatars
+
+    rows, unregistered = avatars.listing(make_context())
     for a in rows:
         click.echo(f"{a.name:20} {a.renderer:10} {a.width}x{a.height}")
-    for name in jobs.BUILTIN_AVATARS:
-        if name not in names:
-            click.echo(f"{name:20} {'(built in, not yet registered)'}")
+    for name in unregistered:
+        click.echo(f"{name:20} {'(built in, not yet registered)'}")
 
 
 @avatar.command(name="show")
@@ -576,10 +556,10 @@ def avatar_list() -> None:
 @fail_cleanly
 def avatar_show(name: str) -> None:
     """Show one avatar."""
-    jobs.check_avatar_name(name)
-    ctx = make_context(start_runtime=False)
-    with ctx.session() as s:
-        row = queries.get_avatar(s, name)
+    from farm import avatars
+
+    ctx = make_context()
+    row = avatars.find(ctx, name)
     if row is None and name in jobs.BUILTIN_AVATARS:
         click.echo(f"name      {name}\nrenderer  {ctx.settings.renderer}")
         click.echo("source    built in: registered by the first job that uses it")
@@ -614,7 +594,7 @@ def webhooks_list(job_id: str) -> None:
     """The webhook deliveries of JOB and every attempt of each."""
     from farm import webhooks
 
-    ctx = make_context(start_runtime=False)
+    ctx = make_context()
     full_id, views = webhooks.deliveries_of_job(ctx, job_id)
     if not views:
         click.echo(f"job {full_id} has no webhook deliveries")
@@ -654,7 +634,7 @@ def webhooks_enable(url: str) -> None:
     """Allow deliveries to URL again after it answered 410 Gone."""
     from farm import webhooks
 
-    ctx = make_context(start_runtime=False)
+    ctx = make_context()
     if not webhooks.enable_endpoint(ctx, url):
         raise NotFound(f"{url} is not disabled")
     click.echo(f"enabled {url}")
@@ -731,7 +711,7 @@ def batch_submit(
         seed=seed,
         defaults=Defaults(avatar=avatar, voice=voice, webhook=webhook),
     )
-    ctx = make_context(start_runtime=False)
+    ctx = make_context()
     checked = batches.load(ctx, name, manifest_path, options)
     for problem in checked.problems:
         click.echo(one_line(f"{manifest_path}: {problem}"), err=True)
@@ -743,20 +723,7 @@ def batch_submit(
         )
     if not checked.rows:
         raise InvalidInput(f"{manifest_path} has no valid rows to submit")
-    ctx.store.check()
-    if ctx.settings.embedded:
-        from farm import embedded
-
-        embedded.ensure_running(ctx.settings)
-    result = batches.submit(
-        ctx,
-        name,
-        checked,
-        options,
-        _celery().enqueue_bulk_job,
-        source=str(manifest_path),
-        webhook=webhook,
-    )
+    result = batches.submit(ctx, name, checked, options, source=str(manifest_path), webhook=webhook)
     click.echo(
         f"batch {name}: {len(result.created)} job(s) submitted, {result.existing} already "
         f"submitted, {len(result.problems)} invalid row(s) skipped"
@@ -773,7 +740,7 @@ def batch_status(name: str, wait: bool) -> None:
 
     batches.check_name(name)
 
-    ctx = make_context(start_runtime=False)
+    ctx = make_context()
     st = batches.status(ctx, name)
     if wait:
         bar = _BatchProgress(sys.stderr)
@@ -840,13 +807,13 @@ def batch_report(name: str, fmt: str, output: Path | None) -> None:
 
     batches.check_name(name)
 
-    ctx = make_context(start_runtime=False)
+    ctx = make_context()
     report = batches.report(ctx, name)
     text = batches.report_csv(report) if fmt == "csv" else json.dumps(report, indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:
-        from farm.store import write_user_file
+        from farm.stores import write_user_file
 
         write_user_file(output, lambda path: path.write_text(text, encoding="utf-8"))
         click.echo(str(output))
@@ -1072,13 +1039,14 @@ def bench(
     from farm import bench as b
 
     if load_jobs:
-        result = _bench_load(load_jobs)
+        result = b.load(make_context(), load_jobs)
         click.echo(b.format_load(result))
         if json_out:
             _write_json(json_out, {"load": result.figures()})
         return
     if workers:
-        rows = _bench_scaling(workers, frame_ms)
+        ctx, counts = make_context(), [int(v) for v in workers.split(",")]
+        rows = [row for ms in frame_ms.split(",") for row in b.scaling(ctx, counts, int(ms))]
         click.echo(b.format_scaling(rows))
         if json_out:
             _write_json(json_out, {"scaling": rows})
@@ -1090,8 +1058,8 @@ def bench(
     if e2e:
         ctx = make_context()
         text = script.read_text(encoding="utf-8")
-        b.end_to_end(ctx, _celery().enqueue, "Warm up the workers.", 1)
-        e2e_row = b.end_to_end(ctx, _celery().enqueue, text, runs)
+        b.end_to_end(ctx, "Warm up the workers.", 1)
+        e2e_row = b.end_to_end(ctx, text, runs)
     click.echo(b.format_report(stages, e2e_row))
     if json_out:
         _write_json(json_out, {"stages": stages, "e2e": e2e_row})
@@ -1100,71 +1068,10 @@ def bench(
 def _write_json(dest: Path, figures: dict[str, Any]) -> None:
     import json
 
-    from farm.store import write_user_file
+    from farm.stores import write_user_file
 
     text = json.dumps(figures, indent=2)
     write_user_file(dest, lambda path: path.write_text(text, encoding="utf-8"))
-
-
-def _bench_scaling(workers: str, frame_ms: str) -> list[dict[str, float]]:
-    import contextlib
-
-    from farm import bench as b
-
-    ctx = make_context(start_runtime=False)
-    if ctx.settings.embedded:
-        raise InvalidInput(
-            "--workers measures a farm on real services: set FARM_BROKER_URL "
-            "(and FARM_DATABASE_URL) first"
-        )
-
-    @contextlib.contextmanager
-    def start_workers(count: int, ms: int):  # type: ignore[no-untyped-def]
-        env = {**os.environ, "FARM_NULL_FRAME_MS": str(ms), "FARM_RENDER_THREADS": "1"}
-        renders = [(f"bench-render{i}", "render", 1) for i in range(count)]
-        specs = [("bench-cpu", "cpu", 2), *renders]
-        with b.run_workers(specs, env, _wait_for_workers):
-            yield
-
-    rows = []
-    for ms in (int(v) for v in frame_ms.split(",")):
-        counts = [int(v) for v in workers.split(",")]
-        rows += b.scaling(ctx, _celery().enqueue, counts, ms, 5, start_workers)
-    return rows
-
-
-def _bench_load(n: int) -> Any:
-    """N jobs at once on a cpu and a render worker of the configured concurrency,
-    with the null renderer: the farm's scheduling under load, not rendering."""
-    from farm import bench as b
-    from farm import load
-
-    ctx = make_context(start_runtime=False)
-    if ctx.settings.embedded:
-        raise InvalidInput(
-            "--load measures a farm on real services: set FARM_BROKER_URL "
-            "(and FARM_DATABASE_URL) first"
-        )
-    load.queue_depth_reader(ctx.settings)()  # not Redis, or down: refused before workers
-    env = {**os.environ, "FARM_RENDERER": "null", "FARM_NULL_FRAME_MS": "0"}
-    specs = [
-        ("load-cpu", "cpu", ctx.settings.cpu_concurrency),
-        ("load-render", "render", ctx.settings.render_concurrency),
-    ]
-    with b.run_workers(specs, env, _wait_for_workers) as pids:
-        roles = {name.removeprefix("load-"): pid for name, pid in pids.items()}
-        return load.run(ctx, _celery().enqueue, n, workers=roles)
-
-
-def _wait_for_workers(prefixes: set[str], timeout: float = 120) -> None:
-    from workers.app import app
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = {name for reply in (app.control.ping(timeout=1.0) or []) for name in reply}
-        if all(any(s.startswith(p) for s in seen) for p in prefixes):
-            return
-    raise RetryableError(f"benchmark workers did not start within {timeout:.0f} s")
 
 
 @main.command(name="fetch")
@@ -1173,9 +1080,8 @@ def _wait_for_workers(prefixes: set[str], timeout: float = 120) -> None:
 @fail_cleanly
 def fetch_output(job_id: str, dest: Path) -> None:
     """Copy a finished job's MP4 to DEST."""
-    ctx = make_context(start_runtime=False)
-    with ctx.session() as s:
-        job = queries.find_job_by_prefix(s, job_id)
+    ctx = make_context()
+    job = jobs.find(ctx, job_id)
     if not job.output_key:
         raise InvalidInput(f"job {job.id} has no output (state {job.state})")
     _save_output(ctx, job, dest)

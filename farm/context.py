@@ -1,7 +1,9 @@
-"""What a process needs to do farm work: settings, a database and the store.
+"""What a process needs to do farm work: settings, a database, the store and a
+dispatcher (farm/dispatch.py) to queue work with.
 
-Made once per process at start-up (in a Celery worker: in the child, after the
-fork, on first use) and passed down; nothing here runs at import.
+Made once per process at start-up by its entry point (the CLI, the embedded
+supervisor; in a Celery worker: in the child, after the fork, on first use) and
+passed down; nothing here runs at import.
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from farm.config import Settings
 from farm.db import make_engine, make_sessionmaker
-from farm.store import Store, open_store
+from farm.dispatch import Dispatcher
+from farm.errors import FarmError
+from farm.stores import Store, open_store
 
 
 @dataclass(eq=False)  # hashed by identity: one per process, a cache key
 class Context:
     settings: Settings
+    dispatcher: Dispatcher | None = None  # wired by the entry point
+
+    @property
+    def dispatch(self) -> Dispatcher:
+        if self.dispatcher is None:
+            raise FarmError("this process was started without a dispatcher: nothing to queue with")
+        return self.dispatcher
 
     @cached_property
     def engine(self) -> Engine:

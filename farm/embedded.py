@@ -20,9 +20,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from farm.config import Settings
 from farm.errors import InvalidInput, RetryableError
+
+if TYPE_CHECKING:
+    from farm.context import Context
 
 log = logging.getLogger("farm.embedded")
 
@@ -255,14 +259,15 @@ class Supervisor:
     def _watch(self) -> None:
         from farm import queries
         from farm.context import Context
+        from workers.dispatch import CeleryDispatcher
 
-        ctx = Context(self.settings)
+        ctx = Context(self.settings, CeleryDispatcher.for_settings(self.settings))
         idle_since = last_sweep = time.monotonic()
         while not self.stopping:
             time.sleep(1.0)
             if time.monotonic() - last_sweep >= self.settings.sweep_seconds:
                 last_sweep = time.monotonic()
-                self._sweep()
+                self._sweep(ctx)
             for name, argv in self.worker_specs().items():
                 if self.workers[name].poll() is not None and not self.stopping:
                     log.warning(
@@ -277,14 +282,11 @@ class Supervisor:
                 log.info("idle for %ss; stopping", self.settings.embedded_idle_seconds)
                 return
 
-    def _sweep(self) -> None:
+    def _sweep(self, ctx: Context) -> None:
         """The embedded runtime has no beat process: the supervisor queues the sweep
         for lost work (farm/sweep.py) itself."""
-        from workers.app import app
-        from workers.beat import SWEEP_TASK
-
         try:
-            app.send_task(SWEEP_TASK, expires=float(self.settings.sweep_seconds))
+            ctx.dispatch.sweep()
         except Exception as exc:  # the broker is restarting: the next round will do
             log.warning("could not queue the sweep: %s", exc)
 

@@ -29,3 +29,8 @@ class Cancelled(FarmError):
 
 class MissingDependency(PermanentError):
     """An optional backend is not installed; the message names the extra."""
+
+
+class BrokerUnavailable(FarmError):
+    """The broker could not take a message. Not a RetryableError: a task that could not
+    queue its next step leaves it to the sweep (farm/sweep.py) instead of retrying."""

@@ -1,7 +1,8 @@
-"""Jobs on the control plane: submit, cancel, the fan-in steps, mux and publish.
+"""Jobs on the control plane: what a job asks for, its row, submit, cancel, retry.
 
-These functions never import torch; the stages that need models live in
-models/stages.py. Celery tasks in workers/tasks.py are thin wrappers over both.
+These functions never import torch. The stages a job goes through run on workers
+(workers/stages.py); this module owns the job row (`new_row`, for single jobs and
+batches alike) and the transitions the CLI asks for.
 """
 
 from __future__ import annotations
@@ -9,22 +10,18 @@ from __future__ import annotations
 import math
 import re
 import secrets
-import tempfile
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session
-
-from farm import encoders, queries, states, webhooks
+from farm import pipeline, queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
-from farm.errors import Cancelled, InvalidInput, PermanentError, RetryableError
-from farm.media import EncodeFailed, VideoFormat, count_frames, join_and_encode
-from farm.script import split_script
-from farm.store import chunk_key, job_key
+from farm.errors import InvalidInput, RetryableError
+from farm.stores import job_key
+
+if TYPE_CHECKING:
+    from farm.sweep import Stalled
 
 VOICES: tuple[str, ...] = ("joe", "espeak")
 BUILTIN_AVATARS: tuple[str, ...] = ("demo",)
@@ -80,7 +77,9 @@ class JobRequest:
     audio_wav: bytes | None = None
 
 
-def validate(ctx: Context, req: JobRequest) -> None:
+def validate(ctx: Context, req: JobRequest) -> str | None:
+    """Refuse what cannot run, before any row exists. Returns the job's webhook URL
+    (checked: a refused target is refused here)."""
     check_avatar_name(req.avatar)
     if req.voice not in VOICES:
         raise InvalidInput(f"unknown voice {req.voice!r}; choose one of {', '.join(VOICES)}")
@@ -95,44 +94,45 @@ def validate(ctx: Context, req: JobRequest) -> None:
                     f"unknown avatar {req.avatar!r}; add it with 'farm avatar add' "
                     f"(built in: {', '.join(BUILTIN_AVATARS)})"
                 )
-    webhooks.job_webhook(ctx, req.webhook, req.avatar)  # refused targets: before any row
+    return webhooks.job_webhook(ctx, req.webhook, req.avatar)
 
 
-def create(ctx: Context, req: JobRequest) -> str:
-    """Validate and record a job; the caller enqueues it (and deletes it if that fails)."""
-    validate(ctx, req)
-    webhook_url = webhooks.job_webhook(ctx, req.webhook, req.avatar)
-    job_id = uuid.uuid4().hex
-    audio_key = None
+def new_row(
+    ctx: Context, req: JobRequest, webhook_url: str | None, **batch_fields: Any
+) -> dict[str, Any]:
+    """The one builder of a job row, for `farm submit` and for batches: the renderer
+    and the seed are resolved here (an unset seed is random)."""
+    return dict(
+        id=uuid.uuid4().hex,
+        avatar=req.avatar,
+        renderer=req.renderer or ctx.settings.renderer,
+        voice=req.voice,
+        script=req.script,
+        fps=req.fps,
+        width=req.size[0],
+        height=req.size[1],
+        chunk_frames=req.chunk_frames,
+        seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+        priority=req.priority,
+        webhook_url=webhook_url,
+        **batch_fields,
+    )
+
+
+def submit(ctx: Context, req: JobRequest) -> str:
+    """Check the request (once), record the job and queue its first stage. A job the
+    broker refused is removed again: it was never accepted."""
+    webhook_url = validate(ctx, req)
+    ctx.store.check()  # a missing bucket or bad credentials: refuse now, not after TTS
+    row = new_row(ctx, req, webhook_url)
+    job_id = row["id"]
     if req.audio_wav is not None:
-        audio_key = job_key(job_id, INPUT_AUDIO)
-        ctx.store.put_bytes(audio_key, req.audio_wav)
+        row["audio_key"] = job_key(job_id, INPUT_AUDIO)
+        ctx.store.put_bytes(row["audio_key"], req.audio_wav)
     with ctx.session() as s:
-        queries.insert_job(
-            s,
-            id=job_id,
-            avatar=req.avatar,
-            renderer=req.renderer or ctx.settings.renderer,
-            voice=req.voice,
-            script=req.script,
-            fps=req.fps,
-            width=req.size[0],
-            height=req.size[1],
-            chunk_frames=req.chunk_frames,
-            seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
-            priority=req.priority,
-            webhook_url=webhook_url,
-            audio_key=audio_key,
-        )
-    return job_id
-
-
-def submit(ctx: Context, req: JobRequest, enqueue: Callable[[str, str], object]) -> str:
-    """Record a job and queue its first stage with `enqueue(task name, job id)`. A job
-    the broker refused is removed again: it was never accepted."""
-    job_id = create(ctx, req)
+        queries.insert_job(s, **row)
     try:
-        enqueue("farm.prepare", job_id)
+        ctx.dispatch.enqueue(pipeline.PREPARE, job_id)
     except Exception as exc:
         forget(ctx, job_id)
         raise RetryableError(f"could not queue the job: {exc}") from exc
@@ -142,79 +142,10 @@ def submit(ctx: Context, req: JobRequest, enqueue: Callable[[str, str], object])
 def forget(ctx: Context, job_id: str) -> None:
     """Remove a job that was never accepted (it could not be enqueued)."""
     with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        audio_key = job.audio_key
-        s.delete(job)
+        audio_key = queries.get_job(s, job_id).audio_key
+        queries.delete_jobs(s, [job_id])
     if audio_key:
         ctx.store.delete_prefix(audio_key)
-
-
-# --- stages -----------------------------------------------------------------
-
-
-def prepare(ctx: Context, job_id: str) -> int:
-    """Split the script into segment rows. Returns how many segments to speak
-    (0 when a redelivered task finds the job already past this stage)."""
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        if job.state == states.QUEUED:
-            queries.transition(s, job_id, states.PREPARING)
-        elif job.state != states.PREPARING:
-            return 0
-        if job.audio_key:
-            # One segment, spoken by the audio itself: the tts stage runs speech
-            # recognition on it instead of synthesis (models.stages.speak).
-            parts = [("", 0)]
-        else:
-            parts = split_script(
-                job.script, ctx.settings.max_segment_chars, ctx.settings.segment_pause_ms
-            )
-        job.segments_total = queries.insert_segments(s, job_id, parts)
-        queries.transition(s, job_id, states.SPEAKING)
-        return job.segments_total
-
-
-def segment_finished(ctx: Context, job_id: str, idx: int, seconds: float) -> bool:
-    """Record a spoken segment. True for exactly one caller: the one that saw the last."""
-    return _fan_in(
-        ctx,
-        job_id,
-        lambda s: queries.finish_segment(s, job_id, idx, seconds),
-        queries.count_done_segments,
-        "segments_total",
-        states.PLANNING,
-    )
-
-
-def chunk_finished(ctx: Context, job_id: str, idx: int, render_seconds: float) -> bool:
-    """Record a rendered chunk. True for exactly one caller: the one that saw the last."""
-    return _fan_in(
-        ctx,
-        job_id,
-        lambda s: queries.finish_chunk(s, job_id, idx, render_seconds),
-        queries.count_done_chunks,
-        "chunks_total",
-        states.MUXING,
-    )
-
-
-def _fan_in(
-    ctx: Context,
-    job_id: str,
-    mark: Callable[[Session], object],
-    count_done: Callable[[Session, str], int],
-    total: str,
-    target: str,
-) -> bool:
-    """Mark one member done and commit, then count in a new transaction: of N concurrent
-    finishers the last to commit sees all N, and the guarded transition lets one win."""
-    with ctx.session() as s:
-        mark(s)
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        if count_done(s, job_id) < getattr(job, total):
-            return False
-        return queries.transition(s, job_id, target)
 
 
 def chunk_ranges(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:
@@ -228,19 +159,34 @@ def fail(ctx: Context, job_id: str, error: str) -> bool:
     with ctx.session() as s:
         moved = queries.transition(s, job_id, states.FAILED, error=error[:2000])
         event = webhooks.record_job_event(s, ctx, job_id) if moved else None
-    webhooks.dispatch(ctx, event)
+    webhooks.queue_first_attempt(ctx, event)
     return moved
 
 
-def cancel(ctx: Context, job_id_or_prefix: str) -> Job:
-    """Mark a job cancelled (running tasks see the flag between frame batches) and
-    remove its partial artifacts. InvalidInput if it had already ended."""
+@dataclass(frozen=True)
+class CancelOutcome:
+    job: Job
+    not_revoked: str | None  # why queued tasks could not be revoked (the flag still works)
+    batch: Any  # batches.Completion when this cancel completed the job's batch
+
+
+def cancel(ctx: Context, job_id_or_prefix: str) -> CancelOutcome:
+    """Mark a job cancelled (running tasks see the flag between frame batches), remove
+    its partial artifacts, revoke its queued tasks; a batch whose last job this was
+    completes and is reported here. InvalidInput if the job had already ended."""
+    from farm import batches
+
     with ctx.session() as s:
         job = queries.find_job_by_prefix(s, job_id_or_prefix)
         if not queries.transition(s, job.id, states.CANCELLED):
             raise InvalidInput(f"job {job.id} is already {job.state}")
     _remove_artifacts(ctx, job.id, job.target_key)
-    return job
+    not_revoked = None
+    try:
+        ctx.dispatch.revoke(job.id, job.segments_total, job.chunks_total)
+    except Exception as exc:  # the flag alone still stops every task that runs
+        not_revoked = str(exc)
+    return CancelOutcome(job, not_revoked, batches.job_ended(ctx, job.id, report_here=True))
 
 
 def clean_if_cancelled(ctx: Context, job_id: str, *written: str) -> bool:
@@ -264,31 +210,26 @@ def _remove_artifacts(ctx: Context, job_id: str, *outside: str | None) -> None:
             ctx.store.delete_prefix(key)
 
 
-def retry(ctx: Context, job_id_or_prefix: str) -> tuple[Job, str, list[tuple[int, ...]]]:
-    """Reopen a failed job at the stage it failed in, keeping everything it finished:
-    returns (job, stage, unfinished members) for the caller to queue."""
+def retry(ctx: Context, job_id_or_prefix: str) -> Stalled:
+    """Reopen a failed job at the stage it failed in, keeping everything it finished,
+    and queue that stage's unfinished work."""
+    from farm import batches, sweep
+
     with ctx.session() as s:
         job = queries.find_job_by_prefix(s, job_id_or_prefix)
         if job.state != states.FAILED:
             raise InvalidInput(f"job {job.id} is {job.state}; only failed jobs can be retried")
         chunks = queries.get_chunks(s, job.id)
         segments = queries.get_segments(s, job.id)
-        if chunks and any(c.state != "done" for c in chunks):
-            target, stage = states.RENDERING, "render"
-            items = [(c.idx, c.start_frame, c.stop_frame) for c in chunks if c.state != "done"]
+        stage = pipeline.restart_at(segments, chunks)
+        items = pipeline.unfinished(stage, segments, chunks)
+        if stage is pipeline.RENDER:
             queries.reset_failed_chunks(s, job.id)
-        elif chunks:
-            target, stage, items = states.MUXING, "mux", []
-        elif segments and all(seg.state == "done" for seg in segments):
-            target, stage, items = states.PLANNING, "plan", []
-        elif segments:
-            target, stage = states.SPEAKING, "tts"
-            items = [(seg.idx,) for seg in segments if seg.state != "done"]
-        else:
-            target, stage, items = states.QUEUED, "prepare", []
-        if not queries.reopen_job(s, job.id, target):
+        if not queries.reopen_job(s, job.id, stage.states[0]):
             raise InvalidInput(f"job {job.id} changed while it was being retried")
-    return job, stage, items
+        work = sweep.Stalled(job.id, stage, items, batches.is_bulk_priority(job.priority))
+    sweep.resume(ctx, work)
+    return work
 
 
 def is_active(ctx: Context, job_id: str) -> bool:
@@ -296,59 +237,29 @@ def is_active(ctx: Context, job_id: str) -> bool:
         return queries.job_state(s, job_id) in states.ACTIVE
 
 
-def mux(ctx: Context, job_id: str) -> None:
-    """Decode the chunks in order and encode the video once with the audio (no seams
-    at chunk joins: farm/media.py), check the frame count against the plan, store."""
-    started = time.perf_counter()
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        if job.state != states.MUXING:
-            return
-        expected, n_chunks = job.frame_count, job.chunks_total
-        setting = ctx.settings.video_encoder
-        fmt = VideoFormat.delivery(job.width, job.height, job.fps, encoders.codec_for(setting))
-        final = job.target_key or job_key(job_id, "final.mp4")
-    with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
-        work = Path(tmp)
-        parts = [
-            ctx.store.get_file(chunk_key(job_id, i), work / f"{i:05d}.mp4") for i in range(n_chunks)
-        ]
-        audio = ctx.store.get_file(job_key(job_id, "audio.wav"), work / "audio.wav")
-        out = work / "final.mp4"
-        try:
-            join_and_encode(parts, audio, out, fmt)
-        except EncodeFailed as exc:
-            raise encoders.died(setting, fmt.codec, str(exc)) from exc
-        frames = count_frames(out)
-        if frames != expected:
-            raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")
-        ctx.store.put_file(final, out)
-    if clean_if_cancelled(ctx, job_id, final):
-        raise Cancelled(f"job {job_id} was cancelled")
-    with ctx.session() as s:
-        queries.record_timing(s, job_id, "mux", time.perf_counter() - started)
-        queries.transition(s, job_id, states.PUBLISHING)
+# --- reads for the CLI ------------------------------------------------------
 
 
-def final_key(ctx: Context, job_id: str) -> str:
-    """Where the video is published: a batch row's output key, else jobs/{id}/final.mp4."""
+def find(ctx: Context, job_id_or_prefix: str) -> Job:
     with ctx.session() as s:
-        return queries.job_target_key(s, job_id) or job_key(job_id, "final.mp4")
+        return queries.find_job_by_prefix(s, job_id_or_prefix)
 
 
-def publish(ctx: Context, job_id: str) -> bool:
-    """Record where the video is; the job is done. True if this call finished it."""
-    key = final_key(ctx, job_id)
-    if not ctx.store.exists(key):
-        raise PermanentError(f"the final video {key} is missing from the store")
+def overview(ctx: Context, job_id_or_prefix: str) -> tuple[Job, queries.Progress, list[Any]]:
+    """A job, its progress and its chunks (`farm status`)."""
     with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        total = time.time() - job.created_at.timestamp()
-        done = queries.transition(s, job_id, states.SUCCEEDED, output_key=key)
-        event = None
-        if done:
-            queries.record_timing(s, job_id, "total", total)
-            # job.succeeded: recorded with the transition, queued after the commit
-            event = webhooks.record_job_event(s, ctx, job_id)
-    webhooks.dispatch(ctx, event)
-    return done
+        job = queries.find_job_by_prefix(s, job_id_or_prefix)
+        return job, queries.progress(s, job.id), queries.get_chunks(s, job.id)
+
+
+def progress(ctx: Context, job_id: str) -> tuple[Job, queries.Progress]:
+    with ctx.session() as s:
+        return queries.get_job(s, job_id), queries.progress(s, job_id)
+
+
+def listing(ctx: Context, limit: int, state: str | None) -> list[tuple[Job, float]]:
+    """Recent jobs, newest first, each with the fraction done (`farm jobs`)."""
+    with ctx.session() as s:
+        listed = queries.list_jobs(s, limit, state)
+        done = queries.chunks_done_by_job(s, [j.id for j in listed])
+    return [(j, states.progress(j.state, done.get(j.id, 0), j.chunks_total)) for j in listed]

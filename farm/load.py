@@ -1,7 +1,7 @@
 """A load run: N short jobs submitted at once, then watched until every one has ended.
 
-Jobs go in through the library path `farm submit` takes (jobs.create, then the
-enqueue of farm.prepare; a job that cannot be queued is forgotten), from a few
+Jobs go in through the library path `farm submit` takes (jobs.submit: the row, then
+the prepare stage queued; a job that cannot be queued is forgotten), from a few
 threads at once. While they run, every ~0.5 s: the depth of the Celery queues in
 Redis, the memory of each worker process, and the time `farm jobs` takes (its
 queries, in this process); every few seconds the real `python -m farm jobs` too.
@@ -36,8 +36,6 @@ PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
 SIZE = (64, 64)
 ONE_CHUNK = 10_000  # chunk frames: more than any short job has, so one chunk per job
-
-Enqueue = Callable[..., Any]  # workers.tasks.enqueue
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,6 @@ def request(i: int, webhook: str | None = None) -> jobs.JobRequest:
 
 def run(
     ctx: Context,
-    enqueue: Enqueue,
     n: int,
     *,
     workers: dict[str, int] | None = None,
@@ -142,7 +139,7 @@ def run(
     try:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="load-submit") as pool:
             requests = [request(i, webhook) for i in range(n)]
-            job_ids = list(pool.map(lambda r: jobs.submit(ctx, r, enqueue), requests))
+            job_ids = list(pool.map(lambda r: jobs.submit(ctx, r), requests))
         submit_seconds = time.monotonic() - started
         counts = _wait_until_final(ctx, job_ids, started + timeout, interval)
         wall = time.monotonic() - started

@@ -28,7 +28,7 @@ from farm import batches, manifest
 from farm.config import Settings
 from farm.context import Context
 from farm.db import utcnow
-from farm.errors import FarmError, InvalidInput, PermanentError, RetryableError
+from farm.errors import FarmError, InvalidInput, PermanentError
 from farm.jobs import parse_size
 from farm.manifest import Checked, Defaults, Problem, RawRow
 
@@ -89,7 +89,7 @@ def options(settings: Settings) -> batches.Options:
     )
 
 
-def run(ctx: Context, enqueue: batches.Enqueue, now: datetime | None = None) -> Result:
+def run(ctx: Context, now: datetime | None = None) -> Result:
     """Submit the inbox's new rows as tonight's batch. Idempotent."""
     inbox = ctx.settings.nightly_inbox
     if not inbox:
@@ -105,7 +105,7 @@ def run(ctx: Context, enqueue: batches.Enqueue, now: datetime | None = None) -> 
     if not checked.rows:
         log.info("nightly %s: nothing to submit in %s", name, inbox)
         return Result(name, [], 0, checked.problems)
-    done = batches.submit(ctx, name, checked, opts, enqueue, source=inbox, scope=scope(inbox))
+    done = batches.submit(ctx, name, checked, opts, source=inbox, scope=scope(inbox))
     log.info(
         "nightly %s: %d new job(s), %d already submitted, %d row(s) left out",
         name,
@@ -132,18 +132,20 @@ def local_inbox(settings: Settings, inbox: str) -> Iterator[Path]:
 
 def download_s3(settings: Settings, inbox: str, dest: Path) -> int:
     """Copy every object under the prefix (up to MAX_INBOX_FILES) into `dest`."""
-    from farm.s3 import S3Store
-    from farm.store import open_store
+    from farm.stores import open_store
 
+    # The inbox is a store of its own (its bucket and prefix, the artifact store's
+    # endpoint and credentials), read through the Store verbs like any other.
     store = open_store(settings.with_(store_url=inbox))
-    assert isinstance(store, S3Store)
-    prefix = f"{store.prefix}/" if store.prefix else ""
+    try:
+        keys = store.list("")
+    except FarmError as exc:  # sorted by the store: permanent, or retryable
+        raise type(exc)(f"cannot list the nightly inbox {inbox}: {exc}") from exc
     count = 0
-    for key, size in _list_objects(store, prefix):
-        rel = key[len(prefix) :]
-        if not rel or rel.endswith("/") or manifest.check_output_key(rel) is not None:
-            continue  # "directory" markers and names that are no safe relative path
-        if size > MAX_INBOX_FILE_BYTES:
+    for rel in keys:
+        if manifest.check_output_key(rel) is not None:
+            continue  # names that are no safe relative path
+        if store.size(rel) > MAX_INBOX_FILE_BYTES:
             log.warning("nightly: %s is larger than %d bytes; skipped", rel, MAX_INBOX_FILE_BYTES)
             continue
         count += 1
@@ -154,20 +156,3 @@ def download_s3(settings: Settings, inbox: str, dest: Path) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         store.get_file(rel, target)
     return count
-
-
-def _list_objects(store: object, prefix: str) -> Iterator[tuple[str, int]]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    client, bucket = store.client, store.bucket  # type: ignore[attr-defined]
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                yield obj["Key"], int(obj.get("Size", 0))
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        kind = RetryableError if status >= 500 else PermanentError
-        raise kind(f"cannot list the nightly inbox s3://{bucket}: {code or status}") from exc
-    except BotoCoreError as exc:
-        raise RetryableError(f"cannot list the nightly inbox s3://{bucket}: {exc}") from exc

@@ -113,7 +113,12 @@ def record_timing(session: Session, job_id: str, stage: str, seconds: float) -> 
 
 
 def set_transcript(session: Session, job_id: str, transcript: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(transcript=transcript))
+    set_job_fields(session, job_id, transcript=transcript)
+
+
+def set_job_fields(session: Session, job_id: str, **values: Any) -> None:
+    """What a stage learnt about its job (segment and chunk totals, the planned size)."""
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
 def job_state_counts(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
@@ -607,13 +612,6 @@ def delete_jobs(session: Session, job_ids: Sequence[str]) -> None:
 
 def job_batch_id(session: Session, job_id: str) -> str | None:
     return session.scalar(select(Job.batch_id).where(Job.id == job_id))
-
-
-def job_priority(session: Session, job_id: str) -> int:
-    priority = session.scalar(select(Job.priority).where(Job.id == job_id))
-    if priority is None:
-        raise NotFound(f"no job {job_id!r}")
-    return priority
 
 
 def job_target_key(session: Session, job_id: str) -> str | None:

@@ -16,12 +16,16 @@ demand with `farm sweep`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from farm import queries, states
+from farm import batches, pipeline, queries
 from farm.context import Context
 from farm.db import Job, utcnow
+from farm.pipeline import Stage
+
+log = logging.getLogger("farm.sweep")
 
 
 @dataclass(frozen=True)
@@ -29,21 +33,40 @@ class Stalled:
     """A job's current stage and its unfinished members, ready to be queued again."""
 
     job_id: str
-    stage: str  # prepare | tts | plan | render | mux | publish
+    stage: Stage
     items: list[tuple[int, ...]]
+    bulk: bool = False
 
 
 def stage_of(job: Job, segments: list, chunks: list) -> Stalled:
     """What an active job waits for, by its state: the unfinished members of that stage."""
-    if job.state in (states.QUEUED, states.PREPARING):
-        return Stalled(job.id, "prepare", [])
-    if job.state == states.SPEAKING:
-        return Stalled(job.id, "tts", [(seg.idx,) for seg in segments if seg.state != "done"])
-    if job.state == states.RENDERING:
-        items = [(c.idx, c.start_frame, c.stop_frame) for c in chunks if c.state != "done"]
-        return Stalled(job.id, "render", items)
-    stage = {states.PLANNING: "plan", states.MUXING: "mux", states.PUBLISHING: "publish"}
-    return Stalled(job.id, stage[job.state], [])
+    stage = pipeline.stage_in(job.state)
+    items = pipeline.unfinished(stage, segments, chunks)
+    return Stalled(job.id, stage, items, batches.is_bulk_priority(job.priority))
+
+
+def resume(ctx: Context, work: Stalled) -> None:
+    """Queue a stage of a job again: once, or once per unfinished member. What the
+    sweep found stalled, or what `farm retry` reopened."""
+    for args in work.items or ([()] if work.stage.members is None else []):
+        ctx.dispatch.enqueue(work.stage, work.job_id, *args, bulk=work.bulk)
+
+
+def run(ctx: Context) -> int:
+    """Queue again what is found stalled (beat, the embedded supervisor, `farm
+    sweep`). Returns how many jobs were resumed."""
+    # While messages wait in a queue the farm is busy, not stuck: a job behind a long
+    # queue shows no sign of life either. Lost work is found once the queues drain.
+    stalled = [] if ctx.dispatch.waiting() else stalled_jobs(ctx)
+    for work in stalled:
+        log.warning("job %s stalled in %s; queued again", work.job_id, work.stage.name)
+        resume(ctx, work)
+    for delivery_id, attempt in stalled_deliveries(ctx):
+        ctx.dispatch.deliver(delivery_id, attempt)
+    # A completed batch whose report task was lost is reported now.
+    for batch_id in batches.unreported(ctx):
+        ctx.dispatch.report_batch(batch_id)
+    return len(stalled)
 
 
 def stalled_jobs(ctx: Context, now: datetime | None = None) -> list[Stalled]:

@@ -55,13 +55,9 @@ BATCH_COMPLETED = "batch.completed"
 # Delivery states. `pending` covers "queued" and "waiting for a retry".
 PENDING, DELIVERED, FAILED, DISABLED = "pending", "delivered", "failed", "disabled"
 
-NOTIFY_TASK = "farm.notify"
 SECRET_PREFIX = "whsec_"
 JITTER = 0.2  # each retry waits its scheduled delay plus up to 20 %: never earlier
 USER_AGENT = "farm-webhooks/1"
-
-# (delivery id, attempt number) -> the notify task is queued
-Sender = Callable[[str, int], None]
 
 
 class VerificationError(FarmError):
@@ -318,14 +314,14 @@ def record_job_event(session: Session, ctx: Context, job_id: str) -> WebhookDeli
     return record_event(session, event, job_event_data(ctx, job), job.webhook_url, job_id=job.id)
 
 
-def dispatch(ctx: Context, delivery: WebhookDelivery | None, send: Sender | None = None) -> None:
+def queue_first_attempt(ctx: Context, delivery: WebhookDelivery | None) -> None:
     """Queue the first attempt of a recorded delivery. A broker error is recorded on
     the delivery, not raised: the job's own outcome must not depend on its webhook,
     and `farm webhooks redeliver` can send it later."""
     if delivery is None or delivery.state != PENDING:
         return
     try:
-        (send if send is not None else send_task)(delivery.id, delivery.attempts + 1)
+        ctx.dispatch.deliver(delivery.id, delivery.attempts + 1)
     except Exception as exc:
         log.warning("could not queue webhook %s: %s", delivery.id, exc)
         with ctx.session() as s:
@@ -340,7 +336,6 @@ def enqueue_event(
     *,
     job_id: str | None = None,
     batch_id: str | None = None,
-    send: Sender | None = None,
 ) -> str | None:
     """Record an event for `url` and queue its delivery; the delivery id, or None
     when there is no URL. For events outside a job's transition (batch.completed)."""
@@ -348,15 +343,8 @@ def enqueue_event(
         return None
     with ctx.session() as s:
         delivery = record_event(s, event_type, data, url, job_id=job_id, batch_id=batch_id)
-    dispatch(ctx, delivery, send)
+    queue_first_attempt(ctx, delivery)
     return delivery.id
-
-
-def send_task(delivery_id: str, attempt: int, countdown: float | None = None) -> None:
-    # Imported here: farm's library needs the Celery app only when it sends.
-    from workers.app import app
-
-    app.send_task(NOTIFY_TASK, args=(delivery_id, attempt), countdown=countdown)
 
 
 def job_webhook(ctx: Context, explicit: str | None, avatar: str) -> str | None:
@@ -492,7 +480,7 @@ def deliveries_of_job(ctx: Context, job_prefix: str) -> tuple[str, list[Delivery
     return job.id, [DeliveryView(d, by_delivery[d.id]) for d in deliveries]
 
 
-def redeliver(ctx: Context, delivery_prefix: str, send: Sender | None = None) -> WebhookDelivery:
+def redeliver(ctx: Context, delivery_prefix: str) -> WebhookDelivery:
     """Queue a fresh attempt (and a fresh retry schedule) of a delivery: same id,
     same body, a new timestamp and signature."""
     with ctx.session() as s:
@@ -505,7 +493,7 @@ def redeliver(ctx: Context, delivery_prefix: str, send: Sender | None = None) ->
         queries.reopen_delivery(s, d.id)
         attempt = d.attempts + 1
     try:
-        (send if send is not None else send_task)(d.id, attempt)
+        ctx.dispatch.deliver(d.id, attempt)
     except Exception as exc:
         raise RetryableError(f"could not queue the delivery: {exc}") from exc
     return d

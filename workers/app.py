@@ -20,6 +20,7 @@ from celery.signals import (
 from kombu import Queue
 
 from farm.config import Settings, redact_logs
+from farm.pipeline import BY_TASK, STAGES
 from workers.beat import beat_schedule
 
 CPU_QUEUE = "cpu"
@@ -31,15 +32,17 @@ CPU_BULK_QUEUE = "cpu_bulk"
 RENDER_BULK_QUEUE = "render_bulk"
 BULK_QUEUES = {CPU_QUEUE: CPU_BULK_QUEUE, RENDER_QUEUE: RENDER_BULK_QUEUE}
 
+# Each stage's queue is in the stage table (farm/pipeline.py); every other task is cpu.
 ROUTES = {
-    "farm.render": {"queue": RENDER_QUEUE},
+    **{stage.task: {"queue": stage.queue} for stage in STAGES if stage.queue != CPU_QUEUE},
     "farm.*": {"queue": CPU_QUEUE},
 }
 
 
 def bulk_queue(task_name: str) -> str:
     """The bulk-lane queue of a task: render_bulk for chunks, cpu_bulk for the rest."""
-    return BULK_QUEUES[RENDER_QUEUE if task_name == "farm.render" else CPU_QUEUE]
+    stage = BY_TASK.get(task_name)
+    return BULK_QUEUES[stage.queue if stage else CPU_QUEUE]
 
 
 # Publishing from a worker (the next stage, a retry, a webhook attempt) waits out a broker

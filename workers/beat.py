@@ -13,10 +13,9 @@ from typing import Any
 from celery.schedules import crontab
 
 from farm.config import Settings, check_cron
+from farm.dispatch import NIGHTLY_TASK, SWEEP_TASK
 from farm.errors import InvalidInput
 
-NIGHTLY_TASK = "farm.nightly"
-SWEEP_TASK = "farm.sweep"
 _FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 
 

@@ -2,8 +2,9 @@
 valid and invalid rows, idempotent resubmission, a duplicate nightly firing, and
 completion that fires exactly once and writes the report.
 
-No broker here: the CLI's enqueue is replaced by a recorder (routing to the bulk
-queues is exercised with real workers in test_priority.py)."""
+No broker here: what is queued stays on an in-memory dispatcher, which the CLI is
+handed through click's `obj` (routing to the bulk queues is exercised with real
+workers in test_priority.py)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,19 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
-from farm import batches, jobs, nightly, queries, states
+from farm import batches, jobs, nightly, pipeline, queries, states
 from farm.cli import main
 from farm.context import Context
 from farm.db import Batch, Job, WebhookDelivery
+from farm.dispatch import BATCH_COMPLETED_TASK, NOTIFY_TASK, InMemoryDispatcher
 from farm.manifest import Defaults
+from workers import stages
 
 SECRET = "whsec_" + base64.b64encode(b"farm-batch-tests-secret-32bytes!").decode()
 NIGHT = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
@@ -35,23 +38,51 @@ NIGHT = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
 @pytest.fixture
 def ctx(db_ctx: Context) -> Iterator[Context]:
     settings = db_ctx.settings.with_(webhook_secret=SECRET, webhook_allowlist="127.0.0.1")
-    c = Context(settings)
+    c = Context(settings, InMemoryDispatcher())
     yield c
     c.engine.dispose()
 
 
-class Queued(list):
-    """Stands in for workers.tasks.enqueue_bulk_job: records the job ids."""
+class Queued:
+    """The jobs whose first stage is queued on the bulk lane of an in-memory
+    dispatcher, by id, in order: compares like a list of ids."""
 
-    def __call__(self, job_id: str) -> None:
-        self.append(job_id)
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+
+    def ids(self) -> list[str]:
+        return [
+            m.args[0]
+            for m in self.dispatcher.messages
+            if m.task == pipeline.PREPARE.task and m.bulk
+        ]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids())
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __eq__(self, other: object) -> bool:
+        return self.ids() == other
+
+
+class Runner(CliRunner):
+    """`farm` in this process, handed a dispatcher through click's `obj`."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+
+    def invoke(self, cli: Any, args: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().invoke(cli, args, obj=self.dispatcher, **kwargs)
 
 
 @pytest.fixture
 def cli(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> tuple[CliRunner, Queued]:
     """`farm` in this process on ctx's database; the broker is never reached."""
-    queued = Queued()
-    monkeypatch.setattr("farm.cli._celery", lambda: SimpleNamespace(enqueue_bulk_job=queued))
+    dispatcher = InMemoryDispatcher()
+    queued = Queued(dispatcher)
     env = {
         "FARM_HOME": str(ctx.settings.home),
         "FARM_DATABASE_URL": ctx.settings.effective_database_url,
@@ -61,7 +92,7 @@ def cli(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> tuple[CliRunner, Queue
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    return CliRunner(), queued
+    return Runner(dispatcher), queued
 
 
 def write(path: Path, text: str) -> Path:
@@ -158,10 +189,9 @@ def test_invalid_rows_refuse_the_batch_unless_skipped_and_resubmission_is_idempo
 def test_an_output_key_taken_by_an_earlier_submission_is_an_invalid_row(
     ctx: Context, tmp_path: Path
 ) -> None:
-    queued = Queued()
     write(tmp_path / "m.jsonl", '{"text": "First version.", "output": "x.mp4"}\n')
     checked = batches.load(ctx, "b2", tmp_path / "m.jsonl", options())
-    batches.submit(ctx, "b2", checked, options(), queued)
+    batches.submit(ctx, "b2", checked, options())
     write(tmp_path / "m.jsonl", '{"text": "Second version.", "output": "x.mp4"}\n')
     checked = batches.load(ctx, "b2", tmp_path / "m.jsonl", options())
     assert checked.rows == []
@@ -172,16 +202,16 @@ def test_an_output_key_taken_by_an_earlier_submission_is_an_invalid_row(
 def test_directory_and_jsonl_resubmissions_create_no_duplicates(
     ctx: Context, tmp_path: Path
 ) -> None:
-    queued = Queued()
+    queued = Queued(ctx.dispatch)
     for i in range(5):
         write(tmp_path / "dir" / f"s{i}.txt", f"Script number {i}.")
     for _ in range(3):
         checked = batches.load(ctx, "dir-batch", tmp_path / "dir", options())
-        batches.submit(ctx, "dir-batch", checked, options(), queued)
+        batches.submit(ctx, "dir-batch", checked, options())
     assert len(queued) == 5 and len(batch_jobs(ctx, "dir-batch")) == 5
     # The same rows under another batch name are other jobs.
     checked = batches.load(ctx, "dir-batch-2", tmp_path / "dir", options())
-    assert len(batches.submit(ctx, "dir-batch-2", checked, options(), queued).created) == 5
+    assert len(batches.submit(ctx, "dir-batch-2", checked, options()).created) == 5
     # A different size renders something else: new jobs, a new key.
     other = options(size=(128, 128))
     checked = batches.load(ctx, "dir-batch", tmp_path / "dir", other)
@@ -194,28 +224,28 @@ def test_a_duplicate_nightly_firing_submits_nothing_new(ctx: Context, tmp_path: 
     write(inbox / "scripts" / "deep.txt", "From a manifest.")
     write(inbox / "batch.jsonl", '{"script": "scripts/deep.txt", "voice": "espeak"}\n')
     write(inbox / "broken.csv", "nonsense,columns\n1,2\n")
-    ctx = Context(ctx.settings.with_(nightly_inbox=str(inbox)))
-    queued = Queued()
+    ctx = Context(ctx.settings.with_(nightly_inbox=str(inbox)), InMemoryDispatcher())
+    queued = Queued(ctx.dispatch)
 
-    first = nightly.run(ctx, queued, now=NIGHT)
+    first = nightly.run(ctx, now=NIGHT)
     assert first.name == "nightly-2026-11-22"
     assert len(first.created) == 2 and first.existing == 0
     assert [p.where for p in first.problems] == ["broken.csv"]
-    second = nightly.run(ctx, queued, now=NIGHT + timedelta(minutes=5))  # beat fired twice
+    second = nightly.run(ctx, now=NIGHT + timedelta(minutes=5))  # beat fired twice
     assert second.created == [] and second.existing == 2
     assert len(queued) == 2 and len(batch_jobs(ctx, "nightly-2026-11-22")) == 2
 
     # The next night the same inbox holds nothing new: no batch is made for it.
-    next_night = nightly.run(ctx, queued, now=NIGHT + timedelta(days=1))
+    next_night = nightly.run(ctx, now=NIGHT + timedelta(days=1))
     assert next_night.created == []
     with ctx.session() as s:
         assert queries.get_batch_by_name(s, "nightly-2026-11-23") is None
         assert s.scalar(select(Batch.source).where(Batch.name == first.name)) == str(inbox)
     # A script dropped in later that night joins that night's batch, once.
     write(inbox / "late.txt", "Sorry I am late.")
-    late = nightly.run(ctx, queued, now=NIGHT + timedelta(hours=1))
+    late = nightly.run(ctx, now=NIGHT + timedelta(hours=1))
     assert len(late.created) == 1 and late.existing == 2
-    assert nightly.run(ctx, queued, now=NIGHT + timedelta(hours=2)).created == []
+    assert nightly.run(ctx, now=NIGHT + timedelta(hours=2)).created == []
     rows = sorted(j.batch_row or "" for j in batch_jobs(ctx, "nightly-2026-11-22"))
     assert rows == ["batch.jsonl line 1", "intro.txt", "late.txt"]
     assert len(queued) == 3
@@ -232,22 +262,24 @@ def _submit(ctx: Context, name: str, texts: list[str], webhook: str | None = Non
     write(path, rows)
     opts = options(defaults=Defaults())
     checked = batches.load(ctx, name, path, opts)
-    done = batches.submit(ctx, name, checked, opts, Queued(), webhook=webhook)
+    done = batches.submit(ctx, name, checked, opts, webhook=webhook)
     return done.created
 
 
 def _succeed(ctx: Context, job_id: str) -> None:
     """The end of a job's pipeline: its video in the store, then publish."""
-    key = jobs.final_key(ctx, job_id)
+    key = stages.final_key(ctx, job_id)
     ctx.store.put_bytes(key, b"not really an mp4")
     with ctx.session() as s:
         s.execute(update(Job).where(Job.id == job_id).values(state=states.PUBLISHING))
-    assert jobs.publish(ctx, job_id)
+    assert stages.publish(ctx, job_id)
 
 
-class Sent(list):
-    def __call__(self, delivery_id: str, attempt: int) -> None:
-        self.append((delivery_id, attempt))
+def _reports_queued(ctx: Context) -> list[str]:
+    """The batch ids whose report was queued on ctx's dispatcher; the queue is emptied."""
+    ids = [m.args[0] for m in ctx.dispatch.messages if m.task == BATCH_COMPLETED_TASK]
+    ctx.dispatch.messages.clear()
+    return ids
 
 
 def test_completion_fires_exactly_once_and_writes_the_report(ctx: Context) -> None:
@@ -264,10 +296,10 @@ def test_completion_fires_exactly_once_and_writes_the_report(ctx: Context) -> No
     # Redelivered tasks and late callers: the batch completed once.
     assert [batches.job_finished(ctx, j) for j in (ok, bad, gone)] == [None, None, None]
 
-    sent = Sent()
-    done = batches.complete(ctx, batch_id, send=sent)
+    ctx.dispatch.messages.clear()
+    done = batches.complete(ctx, batch_id)
     assert done is not None and done.report_key == "batches/b3/report.json"
-    assert batches.complete(ctx, batch_id, send=sent) is None  # a second report task
+    assert batches.complete(ctx, batch_id) is None  # a second report task
     report = json.loads(ctx.store.get_bytes("batches/b3/report.json"))
     assert report["name"] == "b3" and report["state"] == "completed" and report["total"] == 3
     assert report["counts"] == {"succeeded": 1, "failed": 1, "cancelled": 1}
@@ -282,7 +314,7 @@ def test_completion_fires_exactly_once_and_writes_the_report(ctx: Context) -> No
         events = s.scalars(select(WebhookDelivery).where(WebhookDelivery.batch_id == batch_id))
         (event,) = events.all()
     assert event.event_type == "batch.completed" and event.url == hook
-    assert sent == [(event.id, 1)]
+    assert [(m.task, m.args) for m in ctx.dispatch.messages] == [(NOTIFY_TASK, (event.id, 1))]
     data = json.loads(event.payload)["data"]
     assert data["name"] == "b3" and data["counts"]["failed"] == 1
     assert data["report_url"] == ctx.store.url("batches/b3/report.json")
@@ -309,9 +341,9 @@ def test_concurrent_last_finishers_complete_the_batch_once(ctx: Context) -> None
 
 def test_new_rows_reopen_a_completed_batch_and_it_completes_again(ctx: Context) -> None:
     (first,) = _submit(ctx, "b5", ["First."])
-    _succeed(ctx, first)
-    batch_id = batches.job_finished(ctx, first)
-    assert batch_id and batches.complete(ctx, batch_id) is not None
+    _succeed(ctx, first)  # publish saw the batch's last job: it queued the report
+    (batch_id,) = _reports_queued(ctx)
+    assert batches.complete(ctx, batch_id) is not None
     first_report = json.loads(ctx.store.get_bytes("batches/b5/report.json"))
     assert first_report["total"] == 1
 
@@ -319,7 +351,7 @@ def test_new_rows_reopen_a_completed_batch_and_it_completes_again(ctx: Context) 
     assert len(created) == 1
     assert batches.status(ctx, "b5").state == "running"
     _succeed(ctx, created[0])
-    assert batches.job_finished(ctx, created[0]) == batch_id
+    assert _reports_queued(ctx) == [batch_id]
     assert batches.complete(ctx, batch_id) is not None
     assert json.loads(ctx.store.get_bytes("batches/b5/report.json"))["total"] == 2
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from farm import jobs, queries, states
+from farm import jobs, pipeline, queries, states
 from farm.context import Context
 from farm.errors import Cancelled
-from farm.store import LocalStore
-from models import stages
+from farm.stores import LocalStore
+from tests.pipeline import run_stages
 
 
 class CancelOnWrite(LocalStore):
@@ -43,21 +43,6 @@ class CancelOnWrite(LocalStore):
         super().put_file(key, path)
 
 
-def _run_until(ctx: Context, job_id: str, stage: str) -> None:
-    """Run the real stages in order up to (not including) `stage`."""
-    n = jobs.prepare(ctx, job_id)
-    if stage == "tts":
-        return
-    for idx in range(n):
-        seconds = stages.speak(ctx, job_id, idx)
-        jobs.segment_finished(ctx, job_id, idx, seconds)
-    if stage == "plan":
-        return
-    for idx, _ in enumerate(stages.plan(ctx, job_id)):
-        stages.render(ctx, job_id, idx, worker="test")
-    assert queries_state(ctx, job_id) == states.MUXING
-
-
 def queries_state(ctx: Context, job_id: str) -> str:
     with ctx.session() as s:
         return queries.job_state(s, job_id)
@@ -74,18 +59,16 @@ def test_cancel_during_a_stage_leaves_no_artifact(db_ctx: Context, stage, trigge
     req = jobs.JobRequest(
         "First words. Second words.", "demo", "espeak", 25, (64, 64), 10, seed=3, renderer="null"
     )
-    job_id = jobs.create(ctx, req)
-    _run_until(ctx, job_id, stage)
+    job_id = jobs.submit(ctx, req)
+    run_stages(ctx, until=pipeline.BY_NAME[stage])  # the real stages up to this one
     store.job_id = job_id
 
     if stage == "plan":
-        assert stages.plan(ctx, job_id) == []  # no chunks to queue
+        ran = run_stages(ctx)
+        assert [m.task for m in ran] == [pipeline.PLAN.task]  # the plan queued no chunk
     else:
         with pytest.raises(Cancelled):
-            if stage == "tts":
-                stages.speak(ctx, job_id, 0)
-            else:
-                jobs.mux(ctx, job_id)
+            run_stages(ctx)
 
     assert store.fired, "the cancel was never injected"
     assert queries_state(ctx, job_id) == states.CANCELLED

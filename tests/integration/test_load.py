@@ -31,11 +31,10 @@ CLI_BOUND_SECONDS = 15.0  # liveness under load on a shared 2-core machine, not 
 
 
 def test_thousand_jobs_at_once_all_end_and_the_records_agree(
-    postgres_url: str, tmp_path: Path, monkeypatch
+    postgres_url: str, tmp_path: Path
 ) -> None:
     need_service(redis_up(), "Redis at 127.0.0.1:6379")
-    from workers import tasks
-    from workers.app import make_app
+    from workers.dispatch import CeleryDispatcher
 
     migrate.upgrade(postgres_url)
     secret = new_secret()
@@ -52,17 +51,14 @@ def test_thousand_jobs_at_once_all_end_and_the_records_agree(
         }
         env.pop("FARM_STORE_URL", None)
         settings = Settings.from_env(env)
-        ctx = Context(settings)
-        # workers.tasks.enqueue sends through the app this process made at import;
-        # point it at this test's broker.
-        monkeypatch.setattr(tasks, "app", make_app(settings))
+        ctx = Context(settings, CeleryDispatcher.for_settings(settings))
         workers = Workers(env, tmp_path)
         workers.start("cpu", "cpu", concurrency=3)
         workers.start("render", "render", concurrency=1)
         try:
             workers.wait_ready()
             pids = {name: p.pid for name, p in workers.procs.items()}
-            result = load.run(ctx, tasks.enqueue, N, workers=pids, webhook=receiver.url)
+            result = load.run(ctx, N, workers=pids, webhook=receiver.url)
             receiver.wait_for(N, timeout=300)
             # A worker records an attempt's answer just after the receiver has it:
             # stop the workers only once every delivery has left 'pending'.

@@ -15,24 +15,18 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy import update
 
-from farm import jobs, migrate, queries, states, sweep
+from farm import jobs, queries, states, sweep
 from farm.context import Context
 from farm.db import Chunk, Job, WebhookDelivery, utcnow
-from tests.conftest import need_service
 from tests.probe import probe
 from tests.services import (
     Workers,
     farm_argv,
-    fresh_redis_db,
-    redis_up,
-    scheduling_env,
     submit_script,
 )
 
@@ -40,11 +34,11 @@ STALL = 600
 
 
 def _ctx(db_ctx: Context) -> Context:
-    return Context(dataclasses.replace(db_ctx.settings, stall_seconds=STALL))
+    return Context(dataclasses.replace(db_ctx.settings, stall_seconds=STALL), db_ctx.dispatch)
 
 
 def _job(ctx: Context, state: str, idle: float, chunks: int = 0) -> str:
-    job_id = jobs.create(ctx, jobs.JobRequest("One. Two.", "demo", "espeak", 25, (64, 64), 10))
+    job_id = jobs.submit(ctx, jobs.JobRequest("One. Two.", "demo", "espeak", 25, (64, 64), 10))
     then = utcnow() - timedelta(seconds=idle)
     with ctx.session() as s:
         if chunks:
@@ -79,10 +73,10 @@ def test_only_active_jobs_idle_for_a_stall_period_are_swept(db_ctx):
     found = {w.job_id: w for w in sweep.stalled_jobs(ctx)}
     assert set(found) == {rendering, muxing, queued}
     # Only the unfinished members of the stage the job is in are queued again.
-    assert found[rendering].stage == "render"
+    assert found[rendering].stage.name == "render"
     assert found[rendering].items == [(1, 10, 20), (2, 20, 30)]
-    assert (found[muxing].stage, found[muxing].items) == ("mux", [])
-    assert found[queued].stage == "prepare"
+    assert (found[muxing].stage.name, found[muxing].items) == ("mux", [])
+    assert found[queued].stage.name == "prepare"
     # Swept rows were touched: the next sweep leaves them alone for a stall period...
     assert sweep.stalled_jobs(ctx) == []
     # ...and takes them again after one.
@@ -122,18 +116,9 @@ def test_overdue_webhook_deliveries_are_swept_and_scheduled_ones_are_not(db_ctx)
 # --- for real: the broker loses a job's messages --------------------------------------------
 
 
-@pytest.fixture
-def farm_env(postgres_url: str, tmp_path: Path):
-    need_service(redis_up(), "Redis at 127.0.0.1:6379")
-    migrate.upgrade(postgres_url)
-    yield scheduling_env(
-        tmp_path,
-        fresh_redis_db(5),
-        postgres_url,
-        FARM_SWEEP_SECONDS="2",
-        FARM_STALL_SECONDS="4",
-    )
-    fresh_redis_db(5)
+# farm_env (tests/conftest.py): its Redis database and settings.
+REDIS_DB = 5
+FARM_ENV = {"FARM_SWEEP_SECONDS": "2", "FARM_STALL_SECONDS": "4"}
 
 
 def _state(env: dict[str, str], job_id: str) -> str:

@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from farm import jobs, migrate, queries, states, webhooks
+from farm import jobs, migrate, pipeline, queries, states, webhooks
 from farm.config import Settings
 from farm.context import Context
 from farm.db import Job
-from farm.errors import InvalidInput
-from farm.store import job_key
+from farm.dispatch import NOTIFY_TASK, InMemoryDispatcher
+from farm.errors import BrokerUnavailable, InvalidInput
+from farm.stores import job_key
 from tests.conftest import need_service
 from tests.services import Workers, farm_argv, free_port, fresh_redis_db, moto_s3, redis_up
 from tests.webhook_receiver import Receiver
+from workers import stages
+from workers.dispatch import CeleryDispatcher
 
 SECRET = "whsec_" + base64.b64encode(b"farm-webhook-tests-secret-32byte").decode()
 REDIS_DB = 13
@@ -47,16 +50,19 @@ def ctx(db_ctx: Context) -> Iterator[Context]:
         webhook_retry_schedule="0.3,0.3,0.3",
         webhook_timeout=2.0,
     )
-    c = Context(settings)
+    c = Context(settings, InMemoryDispatcher())
     yield c
     c.engine.dispose()
 
 
-class Sent(list):
-    """A Sender that records (delivery id, attempt) instead of queueing a task."""
-
-    def __call__(self, delivery_id: str, attempt: int) -> None:
-        self.append((delivery_id, attempt))
+def sent(ctx: Context) -> list[tuple[str, int]]:
+    """The (delivery id, attempt) of every webhook attempt queued on ctx's in-memory
+    dispatcher so far; the queue is emptied."""
+    dispatcher = ctx.dispatch
+    assert isinstance(dispatcher, InMemoryDispatcher)
+    got = [m.args for m in dispatcher.messages if m.task == NOTIFY_TASK]
+    dispatcher.messages.clear()
+    return got
 
 
 def drive(ctx: Context, delivery_id: str, attempt: int = 1) -> list[webhooks.Outcome]:
@@ -71,10 +77,8 @@ def drive(ctx: Context, delivery_id: str, attempt: int = 1) -> list[webhooks.Out
         attempt, retries = attempt + 1, retries + 1
 
 
-def event(ctx: Context, url: str, sent: Sent | None = None, **kw: str) -> str:
-    delivery_id = webhooks.enqueue_event(
-        ctx, "job.succeeded", {"job_id": "j1"}, url, send=sent if sent is not None else Sent(), **kw
-    )
+def event(ctx: Context, url: str, **kw: str) -> str:
+    delivery_id = webhooks.enqueue_event(ctx, "job.succeeded", {"job_id": "j1"}, url, **kw)
     assert delivery_id
     return delivery_id
 
@@ -147,9 +151,9 @@ def test_gone_disables_the_endpoint(ctx):
     with Receiver(SECRET, [(410, {})]) as rx:
         first = event(ctx, rx.url)
         assert [o.state for o in drive(ctx, first)] == ["disabled"]
-        sent = Sent()
-        second = event(ctx, rx.url, sent)  # a later event for the same URL
-        assert sent == []  # is recorded but never sent
+        sent(ctx)
+        second = event(ctx, rx.url)  # a later event for the same URL
+        assert sent(ctx) == []  # is recorded but never sent
         time.sleep(0.2)
         assert len(rx.received) == 1
 
@@ -158,12 +162,12 @@ def test_gone_disables_the_endpoint(ctx):
         assert d2.state == "disabled" and attempts2 == []
         assert "410 Gone" in d2.last_error
         with pytest.raises(InvalidInput, match="farm webhooks enable"):
-            webhooks.redeliver(ctx, first, send=Sent())
+            webhooks.redeliver(ctx, first)
 
         assert webhooks.enable_endpoint(ctx, rx.url)
-        resend = Sent()
-        webhooks.redeliver(ctx, first[:12], send=resend)  # a prefix is enough
-        assert resend == [(first, 2)]
+        sent(ctx)
+        webhooks.redeliver(ctx, first[:12])  # a prefix is enough
+        assert sent(ctx) == [(first, 2)]
         assert [o.state for o in drive(ctx, first, attempt=2)] == ["delivered"]
         assert [r.headers["webhook-id"] for r in rx.received] == [first, first]
 
@@ -310,32 +314,29 @@ def test_connection_refused_is_retried(ctx):
 
 
 def test_a_broker_outage_at_dispatch_is_recorded_and_redeliver_recovers(ctx):
-    def down(delivery_id: str, attempt: int) -> None:
-        raise ConnectionError("broker unreachable")
+    class Down(InMemoryDispatcher):
+        def deliver(self, delivery_id: str, attempt: int, countdown: float | None = None) -> None:
+            raise BrokerUnavailable("broker unreachable")
 
-    delivery_id = webhooks.enqueue_event(
-        ctx, "batch.completed", {"batch": "b"}, "http://x/", send=down
-    )
+    down = Context(ctx.settings, Down())
+    delivery_id = webhooks.enqueue_event(down, "batch.completed", {"batch": "b"}, "http://x/")
     d, _ = delivery(ctx, delivery_id)
     assert d.state == "pending" and "not queued: broker unreachable" in d.last_error
-    sent = Sent()
-    webhooks.redeliver(ctx, delivery_id, send=sent)
-    assert sent == [(delivery_id, 1)]
+    webhooks.redeliver(ctx, delivery_id)
+    assert sent(ctx) == [(delivery_id, 1)]
 
 
 # --- job events ---------------------------------------------------------------
 
 
-def test_job_failed_is_recorded_and_sent_exactly_once(ctx, monkeypatch):
-    sent = Sent()
-    monkeypatch.setattr(webhooks, "send_task", sent)
+def test_job_failed_is_recorded_and_sent_exactly_once(ctx):
     job_id = insert_job(ctx, "http://127.0.0.1:9/hook")
     assert jobs.fail(ctx, job_id, "tts: the voice broke")
     assert not jobs.fail(ctx, job_id, "render: a duplicate failure")  # a redelivered task
 
     with ctx.session() as s:
         rows = queries.list_deliveries(s, job_id=job_id)
-    assert len(rows) == 1 and sent == [(rows[0].id, 1)]
+    assert len(rows) == 1 and sent(ctx) == [(rows[0].id, 1)]
     body = json.loads(rows[0].payload)
     assert body["type"] == "job.failed" and rows[0].event_type == "job.failed"
     data = body["data"]
@@ -347,22 +348,20 @@ def test_job_failed_is_recorded_and_sent_exactly_once(ctx, monkeypatch):
     assert jobs.fail(ctx, quiet, "boom")
     with ctx.session() as s:
         assert queries.list_deliveries(s, job_id=quiet) == []
-    assert len(sent) == 1
+    assert sent(ctx) == []
 
 
-def test_job_succeeded_after_publish_once_with_the_output_url(ctx, monkeypatch):
-    sent = Sent()
-    monkeypatch.setattr(webhooks, "send_task", sent)
+def test_job_succeeded_after_publish_once_with_the_output_url(ctx):
     job_id = insert_job(ctx, "http://127.0.0.1:9/hook")
     with ctx.session() as s:
         s.execute(sa.update(Job).where(Job.id == job_id).values(state=states.PUBLISHING))
     ctx.store.put_bytes(job_key(job_id, "final.mp4"), b"not really an mp4")
-    assert jobs.publish(ctx, job_id)
-    assert not jobs.publish(ctx, job_id)
+    assert stages.publish(ctx, job_id)
+    assert not stages.publish(ctx, job_id)
     with ctx.session() as s:
         rows = queries.list_deliveries(s, job_id=job_id)
         job = queries.get_job(s, job_id)
-    assert len(rows) == 1 and len(sent) == 1
+    assert len(rows) == 1 and len(sent(ctx)) == 1
     assert "total" in job.timings  # the event did not lose publish's own writes
     data = json.loads(rows[0].payload)["data"]
     assert data["status"] == "succeeded" and data["job_id"] == job_id
@@ -371,7 +370,9 @@ def test_job_succeeded_after_publish_once_with_the_output_url(ctx, monkeypatch):
 
 
 def test_the_job_webhook_comes_from_submit_then_avatar_then_configuration(ctx):
-    default = Context(ctx.settings.with_(webhook_url="http://127.0.0.1:3/default"))
+    default = Context(
+        ctx.settings.with_(webhook_url="http://127.0.0.1:3/default"), InMemoryDispatcher()
+    )
     try:
         with default.session() as s:
             queries.upsert_avatar(
@@ -387,14 +388,14 @@ def test_the_job_webhook_comes_from_submit_then_avatar_then_configuration(ctx):
 
         def submit(avatar: str, webhook: str | None = None) -> str | None:
             req = jobs.JobRequest("Hi.", avatar, "espeak", 25, (64, 64), 25, webhook=webhook)
-            job_id = jobs.create(default, req)
+            job_id = jobs.submit(default, req)
             with default.session() as s:
                 return queries.get_job(s, job_id).webhook_url
 
         assert submit("roman", "http://127.0.0.1:1/explicit") == "http://127.0.0.1:1/explicit"
         assert submit("roman") == "http://127.0.0.1:2/avatar"
         assert submit("demo") == "http://127.0.0.1:3/default"
-        assert jobs.create(ctx, jobs.JobRequest("Hi.", "demo", "espeak", 25, (64, 64), 25))
+        assert jobs.submit(ctx, jobs.JobRequest("Hi.", "demo", "espeak", 25, (64, 64), 25))
     finally:
         default.engine.dispose()
 
@@ -410,11 +411,11 @@ def test_the_job_webhook_comes_from_submit_then_avatar_then_configuration(ctx):
     ],
 )
 def test_submit_refuses_bad_webhooks_and_leaves_no_job(ctx, webhook, settings, message):
-    c = Context(ctx.settings.with_(**settings))
+    c = Context(ctx.settings.with_(**settings), InMemoryDispatcher())
     try:
         req = jobs.JobRequest("Hi.", "demo", "espeak", 25, (64, 64), 25, webhook=webhook)
         with pytest.raises(InvalidInput, match=message):
-            jobs.create(c, req)
+            jobs.submit(c, req)
         with c.session() as s:
             assert queries.list_jobs(s) == []
     finally:
@@ -474,7 +475,8 @@ def farm(postgres_url, tmp_path, monkeypatch):
         migrate.upgrade(postgres_url)
         workers = Workers(env, tmp_path)
         workers.start("cpu", "cpu", concurrency=2)
-        c = Context(Settings.from_env(env))
+        settings = Settings.from_env(env)
+        c = Context(settings, CeleryDispatcher.for_settings(settings))
         try:
             workers.wait_ready()
             yield env, workers, c
@@ -482,17 +484,6 @@ def farm(postgres_url, tmp_path, monkeypatch):
             workers.stop()
             c.engine.dispose()
             fresh_redis_db(REDIS_DB)
-
-
-def broker_sender(settings: Settings) -> webhooks.Sender:
-    from workers.app import make_app
-
-    app = make_app(settings)
-
-    def send(delivery_id: str, attempt: int) -> None:
-        app.send_task(webhooks.NOTIFY_TASK, args=(delivery_id, attempt))
-
-    return send
 
 
 def wait_state(ctx: Context, delivery_id: str, want: str, timeout: float = 60) -> None:
@@ -512,9 +503,7 @@ def test_a_failed_job_notifies_through_workers_with_retries(farm):
     script = [(500, {}), (503, {"Retry-After": "3"})]
     with Receiver(SECRET, script) as rx:
         job_id = insert_job(ctx, rx.url, script="")
-        from workers.app import make_app
-
-        make_app(ctx.settings).send_task("farm.prepare", args=(job_id,))
+        ctx.dispatch.enqueue(pipeline.PREPARE, job_id)
         got = rx.wait_for(3)
         with ctx.session() as s:
             (d,) = queries.list_deliveries(s, job_id=job_id)
@@ -561,11 +550,8 @@ def test_a_failed_job_notifies_through_workers_with_retries(farm):
 def test_nothing_is_lost_while_the_receiver_is_down(farm):
     env, workers, ctx = farm
     rx = Receiver(SECRET)  # its port is known, nothing listens yet: connection refused
-    send = broker_sender(ctx.settings)
     ids = [
-        webhooks.enqueue_event(
-            ctx, "batch.completed", {"n": i}, rx.url, batch_id=f"b{i}", send=send
-        )
+        webhooks.enqueue_event(ctx, "batch.completed", {"n": i}, rx.url, batch_id=f"b{i}")
         for i in range(5)
     ]
     time.sleep(3.5)  # attempts at ~0, 1, 2 and 3 s were refused

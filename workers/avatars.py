@@ -1,0 +1,101 @@
+"""Avatars on a worker: the renderer for a job, its avatar kept warm per process, and
+the registration of a photo (landmarks and caches), which needs the ML stack."""
+
+from __future__ import annotations
+
+import io
+import time
+from functools import lru_cache
+
+import numpy as np
+from sqlalchemy.exc import IntegrityError
+
+from farm import jobs, queries
+from farm.avatars import photo_rgb
+from farm.context import Context
+from farm.errors import NotFound
+from farm.stores import avatar_key
+from models.base import AvatarArtifact, Renderer
+from models.registry import get_renderer
+
+
+def renderer_for(ctx: Context, name: str | None = None) -> Renderer:
+    s = ctx.settings
+    return get_renderer(name or s.renderer, s.model_dir, s.device, s.render_batch, s.render_threads)
+
+
+@lru_cache(maxsize=8)
+def _avatar_from_store(ctx: Context, renderer_name: str, key: str) -> AvatarArtifact:
+    return renderer_for(ctx, renderer_name).avatar_from_bytes(ctx.store.get_bytes(key))
+
+
+def load_avatar(ctx: Context, name: str, renderer_name: str) -> AvatarArtifact:
+    """An LRU of warm avatars per worker process; built-in avatars register on first use."""
+    with ctx.session() as s:
+        row = queries.get_avatar(s, name)
+        key, registered_for, source = (
+            (row.artifact_key, row.renderer, row.source_key) if row else (None, None, None)
+        )
+    if key is None:
+        if name not in jobs.BUILTIN_AVATARS:
+            raise NotFound(f"unknown avatar {name!r}")
+        key, registered_for = register_avatar(ctx, name, None, renderer_name)
+    if registered_for != renderer_name and source is not None:
+        # A job on another backend than the avatar was registered for: prepare the
+        # same photo for that backend, kept warm in this process only.
+        return _avatar_from_photo(ctx, renderer_name, source)
+    return _avatar_from_store(ctx, renderer_name, key)
+
+
+@lru_cache(maxsize=4)
+def _avatar_from_photo(ctx: Context, renderer_name: str, source_key: str) -> AvatarArtifact:
+    return renderer_for(ctx, renderer_name).prepare_avatar(_read_photo(ctx, source_key))
+
+
+def _read_photo(ctx: Context, source_key: str) -> np.ndarray:
+    data = ctx.store.get_bytes(source_key)
+    # The limit `farm avatar add` checked, not Pillow's own (which could be lower).
+    return photo_rgb(data, ctx.settings.max_photo_pixels)
+
+
+def register_avatar(
+    ctx: Context, name: str, source_key: str | None, renderer_name: str | None = None
+) -> tuple[str, str]:
+    """Landmarks and caches for a photo in the store (None: the built-in demo photo).
+    Returns (artifact key, renderer name)."""
+    from PIL import Image
+
+    jobs.check_avatar_name(name)
+    renderer_name = renderer_name or ctx.settings.renderer
+    renderer = renderer_for(ctx, renderer_name)
+    if source_key is None:
+        from models.portrait import demo_photo
+
+        photo = demo_photo()
+        source_key = avatar_key(name, "source.png")
+        buf = io.BytesIO()
+        Image.fromarray(photo).save(buf, format="PNG")
+        ctx.store.put_bytes(source_key, buf.getvalue())
+    else:
+        photo = _read_photo(ctx, source_key)
+    artifact = renderer.prepare_avatar(photo)
+    key = avatar_key(name, f"{renderer_name}-{int(time.time() * 1000)}.npz")
+    ctx.store.put_bytes(key, artifact.to_bytes())
+    try:
+        with ctx.session() as s:
+            queries.upsert_avatar(
+                s,
+                name=name,
+                renderer=renderer_name,
+                artifact_key=key,
+                source_key=source_key,
+                width=photo.shape[1],
+                height=photo.shape[0],
+            )
+    except IntegrityError:
+        # Two workers registered the same built-in avatar at once: keep the first.
+        with ctx.session() as s:
+            row = queries.get_avatar(s, name)
+            assert row is not None
+            return row.artifact_key, row.renderer
+    return key, renderer_name
