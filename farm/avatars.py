@@ -93,26 +93,41 @@ def read_photo(path: Path, settings: Settings) -> bytes:
     return data
 
 
-def register(ctx: Context, name: str, photo: bytes, timeout: float) -> str:
-    """Store the photo, have a worker register it, wait. Nothing is left on failure."""
+def register(
+    ctx: Context, name: str, photo: bytes, timeout: float, renderer: str | None = None
+) -> str:
+    """Store the photo, have a worker register it (for `renderer`, None: the configured
+    one), wait. Nothing is left on failure."""
     source = avatar_key(name, f"source-{int(time.time() * 1000)}")
     ctx.store.put_bytes(source, photo)
     try:
-        return ctx.dispatch.register_avatar(name, source, timeout)
+        return ctx.dispatch.register_avatar(name, source, timeout, renderer)
     except BaseException:
         ctx.store.delete_prefix(source)
         raise
 
 
-def add(ctx: Context, name: str, photo: Path, timeout: float, webhook: str | None) -> str:
+def add(
+    ctx: Context,
+    name: str,
+    photo: Path,
+    timeout: float,
+    webhook: str | None,
+    renderer: str | None = None,
+) -> str:
     """`farm avatar add`: everything checked before the (slow) registration; the
-    avatar's default webhook recorded after it. Returns the artifact key."""
+    avatar's default webhook recorded after it. Its jobs render with `renderer` (the
+    backend: None is the configured one). Returns the artifact key."""
     from farm import jobs, webhooks
 
     jobs.check_avatar_name(name)
+    if renderer is not None and renderer not in jobs.renderer_names():
+        raise InvalidInput(
+            f"unknown backend {renderer!r}; choose one of {', '.join(jobs.renderer_names())}"
+        )
     if webhook:
         webhooks.check_target(webhook, ctx.settings)
-    key = register(ctx, name, read_photo(photo, ctx.settings), timeout)
+    key = register(ctx, name, read_photo(photo, ctx.settings), timeout, renderer)
     if webhook:
         with ctx.session() as s:
             queries.set_avatar_webhook(s, name, webhook)

@@ -269,10 +269,12 @@ def _insert(
                 seed=options.seed if options.seed is not None else int(key[3:11], 16) % 2**31,
                 priority=BULK_PRIORITY,
             )
+            avatar = queries.get_avatar(s, row.avatar)
             job = jobs.new_row(
                 ctx,
                 request,
                 row.webhook,
+                avatar.renderer if avatar else None,
                 idempotency_key=key,
                 batch_id=batch.id,
                 batch_row=row.where,

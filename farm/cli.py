@@ -228,6 +228,11 @@ def _check_seed(seed: int | None) -> None:
 )
 @_output_options
 @click.option("--seed", type=int, default=None, help="Motion seed (random when unset).")
+@click.option(
+    "--renderer",
+    default=None,
+    help="Render with this backend [default: the avatar's, else env FARM_RENDERER].",
+)
 @click.option("--wait", is_flag=True, help="Show progress and wait for the video.")
 @click.option(
     "--output",
@@ -253,6 +258,7 @@ def submit(
     size: str | None,
     chunk_frames: int | None,
     seed: int | None,
+    renderer: str | None,
     wait: bool,
     output: Path | None,
     webhook: str | None,
@@ -294,6 +300,7 @@ def submit(
         chunk_frames=settings.chunk_frames if chunk_frames is None else chunk_frames,
         seed=seed,
         webhook=webhook,
+        renderer=renderer,
     )
     ctx = make_context()
     job_id = jobs.submit(ctx, request)
@@ -412,7 +419,10 @@ def status(job_id: str) -> None:
     job, prog, chunks = jobs.overview(ctx, job_id)
     click.echo(f"job       {job.id}")
     click.echo(f"state     {job.state} ({prog.fraction:.0%})")
-    click.echo(f"avatar    {job.avatar}  voice {job.voice}  {job.width}x{job.height}@{job.fps}")
+    click.echo(
+        f"avatar    {job.avatar}  voice {job.voice}  {job.width}x{job.height}@{job.fps}"
+        f"  renderer {job.renderer}"
+    )
     click.echo(f"segments  {prog.segments_done}/{prog.segments_total}")
     click.echo(f"chunks    {prog.chunks_done}/{prog.chunks_total}  frames {job.frame_count}")
     click.echo(f"audio     {_fmt_seconds(job.audio_seconds)}")
@@ -529,12 +539,21 @@ def avatar() -> None:
     metavar="URL",
     help="Default webhook of this avatar's jobs (submit --webhook overrides it).",
 )
+@click.option(
+    "--backend",
+    default=None,
+    metavar="RENDERER",
+    help="The renderer this avatar is prepared for and its jobs render with: portrait, "
+    "ditto [default: env FARM_RENDERER].",
+)
 @fail_cleanly
-def avatar_add(name: str, photo: Path, timeout: float, webhook: str | None) -> None:
+def avatar_add(
+    name: str, photo: Path, timeout: float, webhook: str | None, backend: str | None
+) -> None:
     """Register NAME from a photo: face landmarks and caches, done by a worker."""
     from farm import avatars
 
-    key = avatars.add(make_context(), name, photo, timeout, webhook)
+    key = avatars.add(make_context(), name, photo, timeout, webhook, backend)
     click.echo(f"added avatar {name} ({key})")
 
 

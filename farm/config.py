@@ -39,6 +39,10 @@ class Settings:
     presign_seconds: int = 7 * 24 * 3600
     model_dir: Path = _default_model_dir()
     renderer: str = "portrait"
+    # --- the ditto backend (models/ditto) ---
+    ditto_dir: str = ""  # Ditto's checkpoint root; empty: model_dir/ditto
+    ditto_steps: int = 0  # LMDM's DDIM steps; 0: the checkpoint config's (upstream: 50)
+    ditto_emotion: int = -1  # emotion class 0..7; -1: the config's (upstream: 4, neutral)
     device: str = "auto"  # auto | cpu | cuda
     video_encoder: str = "auto"  # auto | libx264 | h264_nvenc: see farm/encoders.py
     fps: int = 25
@@ -140,6 +144,11 @@ class Settings:
                 raise InvalidInput(f"FARM_{name.upper()} {path} exists and is not a directory")
         from models.registry import RENDERERS  # names only: no backend is imported
 
+        if not -1 <= self.ditto_emotion <= 7:
+            raise InvalidInput(
+                f"FARM_DITTO_EMOTION must be -1 (the checkpoint's default) or 0..7, "
+                f"got {self.ditto_emotion}"
+            )
         if self.renderer not in RENDERERS:
             raise InvalidInput(
                 f"FARM_RENDERER {self.renderer!r} is not a renderer; "
@@ -160,6 +169,18 @@ class Settings:
                 f"{', '.join(VIDEO_ENCODERS)}"
             )
         check_cron(self.nightly_cron)
+
+    def renderer_dir(self, name: str) -> Path:
+        """Where a renderer's weights are: Ditto's checkpoint root, or model_dir."""
+        if name == "ditto":
+            return Path(self.ditto_dir) if self.ditto_dir else self.model_dir / "ditto"
+        return self.model_dir
+
+    def renderer_options(self, name: str) -> tuple[tuple[str, int], ...]:
+        """A renderer's own options, as its constructor takes them."""
+        if name == "ditto":
+            return (("steps", self.ditto_steps), ("emotion", self.ditto_emotion))
+        return ()
 
     def describe(self) -> dict[str, str]:
         """Effective settings for display, with passwords in URLs masked."""
@@ -209,7 +230,13 @@ _POSITIVE = (
     "sweep_seconds",
     "webhook_timeout",
 )
-_NOT_NEGATIVE = ("segment_pause_ms", "task_max_retries", "outage_retries", "stall_seconds")
+_NOT_NEGATIVE = (
+    "segment_pause_ms",
+    "task_max_retries",
+    "outage_retries",
+    "stall_seconds",
+    "ditto_steps",
+)
 VIDEO_ENCODERS = ("auto", "h264_nvenc", "libx264")  # farm/encoders.py tries them in order
 # Brokers farm runs on: Redis (the embedded default is redis+socket) and AMQP.
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")

@@ -43,8 +43,11 @@ class Dispatcher(Protocol):
     def revoke(self, job_id: str, segments: int, chunks: int) -> None:
         """Queued tasks of a cancelled job never start."""
 
-    def register_avatar(self, name: str, source_key: str, timeout: float) -> str:
-        """Have a worker register an avatar from a stored photo; its artifact key."""
+    def register_avatar(
+        self, name: str, source_key: str, timeout: float, renderer: str | None = None
+    ) -> str:
+        """Have a worker register an avatar from a stored photo for a renderer (None:
+        the configured one); its artifact key."""
 
     def waiting(self) -> int:
         """Messages waiting in farm's queues, every lane and priority counted."""
@@ -89,10 +92,12 @@ class InMemoryDispatcher:
     def revoke(self, job_id: str, segments: int, chunks: int) -> None:
         self.revoked.update(task_ids(job_id, segments, chunks))
 
-    def register_avatar(self, name: str, source_key: str, timeout: float) -> str:
+    def register_avatar(
+        self, name: str, source_key: str, timeout: float, renderer: str | None = None
+    ) -> str:
         if self.run is None:
             raise RetryableError(f"no worker registered {name!r}: nothing runs these messages")
-        return str(self.run(Message(REGISTER_AVATAR_TASK, (name, source_key))))
+        return str(self.run(Message(REGISTER_AVATAR_TASK, (name, source_key, renderer))))
 
     def waiting(self) -> int:
         return len(self.messages)

@@ -80,6 +80,10 @@ class JobRequest:
 def validate(ctx: Context, req: JobRequest) -> str | None:
     """Refuse what cannot run, before any row exists. Returns the job's webhook URL
     (checked: a refused target is refused here)."""
+    if req.renderer is not None and req.renderer not in renderer_names():
+        raise InvalidInput(
+            f"unknown renderer {req.renderer!r}; choose one of {', '.join(renderer_names())}"
+        )
     check_avatar_name(req.avatar)
     if req.voice not in VOICES:
         raise InvalidInput(f"unknown voice {req.voice!r}; choose one of {', '.join(VOICES)}")
@@ -98,14 +102,19 @@ def validate(ctx: Context, req: JobRequest) -> str | None:
 
 
 def new_row(
-    ctx: Context, req: JobRequest, webhook_url: str | None, **batch_fields: Any
+    ctx: Context,
+    req: JobRequest,
+    webhook_url: str | None,
+    registered_for: str | None = None,
+    **batch_fields: Any,
 ) -> dict[str, Any]:
-    """The one builder of a job row, for `farm submit` and for batches: the renderer
-    and the seed are resolved here (an unset seed is random)."""
+    """The one builder of a job row, for `farm submit` and for batches. The renderer
+    is resolved here: the request's, else the one the avatar was registered for
+    (`registered_for`), else the configured one; an unset seed is random."""
     return dict(
         id=uuid.uuid4().hex,
         avatar=req.avatar,
-        renderer=req.renderer or ctx.settings.renderer,
+        renderer=req.renderer or _own(req.avatar, registered_for) or ctx.settings.renderer,
         voice=req.voice,
         script=req.script,
         fps=req.fps,
@@ -119,12 +128,26 @@ def new_row(
     )
 
 
+def _own(avatar: str, registered_for: str | None) -> str | None:
+    # A built-in avatar registers on first use with whatever renderer that job had:
+    # that is no choice of the user's, so its jobs keep the configured renderer.
+    return None if avatar in BUILTIN_AVATARS else registered_for
+
+
+def renderer_names() -> tuple[str, ...]:
+    from models.registry import RENDERERS  # names only: no backend is imported
+
+    return tuple(RENDERERS)
+
+
 def submit(ctx: Context, req: JobRequest) -> str:
     """Check the request (once), record the job and queue its first stage. A job the
     broker refused is removed again: it was never accepted."""
     webhook_url = validate(ctx, req)
     ctx.store.check()  # a missing bucket or bad credentials: refuse now, not after TTS
-    row = new_row(ctx, req, webhook_url)
+    with ctx.session() as s:
+        avatar = queries.get_avatar(s, req.avatar)
+    row = new_row(ctx, req, webhook_url, avatar.renderer if avatar else None)
     job_id = row["id"]
     if req.audio_wav is not None:
         row["audio_key"] = job_key(job_id, INPUT_AUDIO)

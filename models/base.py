@@ -61,20 +61,23 @@ class Speech:
 
 @dataclass(frozen=True)
 class Plan:
-    """The motion of a whole job, computed once, sequentially, by the plan stage."""
+    """The motion of a whole job, computed once, sequentially, by the plan stage: one
+    row per frame, one column per channel. The portrait renderer's channels are
+    CHANNELS; another backend names its own (Ditto: the driving keypoints)."""
 
     fps: int
     width: int
     height: int
     seed: int
-    track: np.ndarray  # float32, (frame_count, len(CHANNELS))
+    track: np.ndarray  # float32, (frame_count, len(channels))
+    channels: tuple[str, ...] = CHANNELS
 
     @property
     def frame_count(self) -> int:
         return int(self.track.shape[0])
 
     def channel(self, name: str) -> np.ndarray:
-        return self.track[:, CHANNEL_INDEX[name]]
+        return self.track[:, self.channels.index(name)]
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -82,17 +85,18 @@ class Plan:
             buf,
             track=self.track.astype(np.float32),
             meta=np.array([self.fps, self.width, self.height, self.seed], dtype=np.int64),
-            channels=np.array(CHANNELS),
+            channels=np.array(self.channels),
         )
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Plan:
         with np.load(io.BytesIO(data)) as z:
-            if tuple(str(c) for c in z["channels"]) != CHANNELS:
-                raise ValueError("plan was written with a different channel set")
+            channels = tuple(str(c) for c in z["channels"])
+            if z["track"].ndim != 2 or z["track"].shape[1] != len(channels):
+                raise ValueError("plan track and channel names disagree")
             fps, width, height, seed = (int(v) for v in z["meta"])
-            return cls(fps=fps, width=width, height=height, seed=seed, track=z["track"])
+            return cls(fps, width, height, seed, z["track"], channels)
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,10 @@ class Renderer(Protocol):
         fps: int,
         size: tuple[int, int],
         seed: int,
+        audio: Speech | None = None,
     ) -> Plan:
-        """Sequential and cheap: the whole job's motion."""
+        """Sequential: the whole job's motion, from its phones or (a backend driven by
+        the sound itself) its audio on the job's timeline."""
 
     def render(
         self, avatar: AvatarArtifact, plan: Plan, frames: range, sink: FrameSink

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import CHANNELS, FrameSink, Phone, Plan, RenderStats
+from models.base import CHANNELS, FrameSink, Phone, Plan, RenderStats, Speech
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class NullRenderer:
         fps: int,
         size: tuple[int, int],
         seed: int,
+        audio: Speech | None = None,
     ) -> Plan:
         frames = math.ceil(speech_seconds * fps)
         return Plan(fps, size[0], size[1], seed, np.zeros((frames, len(CHANNELS)), np.float32))

@@ -17,12 +17,21 @@ if TYPE_CHECKING:  # the control plane reads RENDERERS without the backends' imp
 RENDERERS: dict[str, tuple[str, str, bool]] = {
     "portrait": ("models.portrait:PortraitRenderer", "farm", True),
     "null": ("models.null:NullRenderer", "farm", False),  # no work: scheduling tests, overhead
+    "ditto": ("models.ditto.renderer:DittoRenderer", "farm[ditto]", True),
 }
 
 
 @cache
-def get_renderer(name: str, model_dir: Path, device: str, batch: int, threads: int) -> Renderer:
-    """One loaded renderer per process and configuration; models stay warm."""
+def get_renderer(
+    name: str,
+    model_dir: Path,
+    device: str,
+    batch: int,
+    threads: int,
+    options: tuple[tuple[str, int], ...] = (),
+) -> Renderer:
+    """One loaded renderer per process and configuration; models stay warm.
+    `options`: the renderer's own settings, passed to its constructor."""
     try:
         target, extra, uses_torch = RENDERERS[name]
     except KeyError:
@@ -40,6 +49,6 @@ def get_renderer(name: str, model_dir: Path, device: str, batch: int, threads: i
         import torch
 
         torch.set_num_threads(threads)
-    renderer: Renderer = getattr(module, cls_name)(batch_size=batch)
+    renderer: Renderer = getattr(module, cls_name)(batch_size=batch, **dict(options))
     renderer.load(model_dir, device)
     return renderer

@@ -21,7 +21,15 @@ from models.registry import get_renderer
 
 def renderer_for(ctx: Context, name: str | None = None) -> Renderer:
     s = ctx.settings
-    return get_renderer(name or s.renderer, s.model_dir, s.device, s.render_batch, s.render_threads)
+    name = name or s.renderer
+    return get_renderer(
+        name,
+        s.renderer_dir(name),
+        s.device,
+        s.render_batch,
+        s.render_threads,
+        s.renderer_options(name),
+    )
 
 
 @lru_cache(maxsize=8)

@@ -78,9 +78,14 @@ class CeleryDispatcher:
         with _broker():
             self.app.control.revoke(task_ids(job_id, segments, chunks))
 
-    def register_avatar(self, name: str, source_key: str, timeout: float) -> str:
+    def register_avatar(
+        self, name: str, source_key: str, timeout: float, renderer: str | None = None
+    ) -> str:
+        # The renderer travels only when named, so a worker of an earlier version
+        # (whose task takes two arguments) still registers for the default renderer.
+        args = (name, source_key) if renderer is None else (name, source_key, renderer)
         with _broker():
-            result = self.app.send_task(REGISTER_AVATAR_TASK, args=(name, source_key))
+            result = self.app.send_task(REGISTER_AVATAR_TASK, args=args)
         try:
             return str(result.get(timeout=timeout, propagate=True))
         except FarmError:

@@ -185,8 +185,9 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
     # Submission checked an estimate; the spoken length is exact. InvalidInput is a
     # PermanentError: the job fails at once, with this reason.
     check_frames(seconds, fps, ctx.settings.max_job_frames, "the speech", estimate=False)
+    speech = Speech(samples=samples, sample_rate=rate, phones=phones)
     wav = io.BytesIO()
-    write_wav(Speech(samples=samples, sample_rate=rate, phones=phones), wav)
+    write_wav(speech, wav)
     ctx.store.put_bytes(job_key(job_id, "audio.wav"), wav.getvalue())
 
     renderer = renderer_for(ctx, renderer_name)
@@ -195,7 +196,7 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         size = getattr(avatar, "photo_size", None)
         if size is None:
             raise InvalidInput(f"the {renderer_name} renderer has no whole-photo output")
-    motion = renderer.plan(avatar, seconds, phones, fps, size, seed)
+    motion = renderer.plan(avatar, seconds, phones, fps, size, seed, audio=speech)
     if motion.frame_count != math.ceil(seconds * fps):
         raise InvalidInput(f"plan has {motion.frame_count} frames for {seconds:.3f} s")
     ctx.store.put_bytes(job_key(job_id, "plan.npz"), motion.to_bytes())

@@ -187,8 +187,8 @@ def notify(self: Task, delivery_id: str, attempt: int = 1) -> str:
 
 
 @app.task(name=REGISTER_AVATAR_TASK, base=FarmTask, fails_job=False, ignore_result=False)
-def register_avatar(name: str, source_key: str | None) -> str:
+def register_avatar(name: str, source_key: str | None, renderer: str | None = None) -> str:
     from workers import avatars
 
-    key, _ = avatars.register_avatar(context(), name, source_key)
+    key, _ = avatars.register_avatar(context(), name, source_key, renderer)
     return key

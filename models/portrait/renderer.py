@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from farm.errors import PermanentError
-from models.base import FrameSink, Phone, Plan, RenderStats
+from models.base import FrameSink, Phone, Plan, RenderStats, Speech
 from models.frames import FrameWriter
 
 from .avatar import CROP_SIZE, PortraitAvatar, prepare_avatar
@@ -72,6 +72,7 @@ class PortraitRenderer:
         fps: int,
         size: tuple[int, int],
         seed: int,
+        audio: Speech | None = None,
     ) -> Plan:
         from models.motion import build_track  # written beside this backend; import late
 

@@ -1,0 +1,391 @@
+"""The `ditto` backend: Ditto's networks on farm's plan/render split.
+
+Avatar (once per photo, on a worker): Ditto's own preprocessing (face detector, 106
+and 203 landmarks, the rotation-aligned 512 crop), then the appearance extractor's
+feature volume f_s (kept in fp16), the motion extractor's source motion, the eye
+values, the crop's matrix and the photo.
+
+Plan (sequential, seeded): HuBERT features of the job's audio, LMDM sampling with
+noise from the job's seed (models/ditto/audio2motion.py), then motion stitching for
+the whole job (models/ditto/stitching.py). The plan holds every frame's driving
+keypoints x_d, so each frame is a pure function of (avatar, plan, frame index).
+
+Render: frames [start, stop) in batches through warp -> decoder (fp16 on CUDA, fp32
+on CPU), then the 512 crop letterboxed to the job's size, or pasted back into the
+photo through the feathered mask (`--size photo`), on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from farm.errors import PermanentError
+from models.base import FrameSink, Phone, Plan, RenderStats, Speech
+from models.frames import FrameWriter
+
+log = logging.getLogger(__name__)
+
+CROP = 512  # the decoder's output: the face crop
+MOTION_FPS = 25  # HuBERT features and LMDM motion run at 25 frames per second
+MAX_SIDE = 1920  # the photo's long side, as upstream keeps it
+SOURCE_KEYS = ("kp", "pitch", "yaw", "roll", "t", "exp", "scale")
+X_D = tuple(f"x_d{i}" for i in range(63))  # the plan's channels: 21 keypoints x 3
+
+
+@dataclass
+class DittoAvatar:
+    photo: np.ndarray  # uint8 [H, W, 3], long side <= MAX_SIDE
+    m_c2o: np.ndarray  # float64 [3, 3]: crop (512) -> photo
+    f_s: np.ndarray  # float16 [32, 16, 64, 64]: the appearance feature volume
+    source: dict[str, np.ndarray]  # the motion extractor's output for the photo
+    x_s: np.ndarray  # float32 [21, 3]: the posed source keypoints
+    eye_open: np.ndarray  # float32 [2]
+    eye_ball: np.ndarray  # float32 [6]
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def photo_size(self) -> tuple[int, int]:
+        """(width, height) of whole-photo output, even sides for H.264."""
+        h, w = self.photo.shape[:2]
+        return w - w % 2, h - h % 2
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            photo=self.photo,
+            m_c2o=self.m_c2o,
+            f_s=self.f_s,
+            x_s=self.x_s,
+            eye_open=self.eye_open,
+            eye_ball=self.eye_ball,
+            **{f"source_{k}": v for k, v in self.source.items()},
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DittoAvatar:
+        with np.load(io.BytesIO(data)) as z:
+            source = {k: z[f"source_{k}"] for k in SOURCE_KEYS}
+            return cls(
+                z["photo"], z["m_c2o"], z["f_s"], source, z["x_s"], z["eye_open"], z["eye_ball"]
+            )
+
+
+class DittoRenderer:
+    name = "ditto"
+
+    def __init__(self, batch_size: int = 16, steps: int = 0, emotion: int = -1) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.batch_size = batch_size
+        self.steps, self.emotion = steps, emotion  # 0 / -1: the checkpoint config's
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.root: Path | None = None
+        self.nets: dict[str, torch.nn.Module] = {}
+        self.config: dict[str, Any] = {}
+        self._aux: dict[str, Any] = {}
+
+    # --- loading -------------------------------------------------------------
+
+    def load(self, model_dir: Path, device: str = "auto") -> None:
+        """The checkpoints under `model_dir` (FARM_DITTO_DIR), checked and loaded once
+        per worker process; the networks stay warm across jobs."""
+        from models.ditto.checkpoints import load_networks, open_checkpoints
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.root = Path(model_dir)
+        checkpoints = open_checkpoints(self.root)
+        self.config = checkpoints.config
+        self.nets = load_networks(checkpoints, self.device)
+        log.info("ditto renderer: checkpoints %s on %s (%s)", self.root, self.device, self.dtype)
+
+    def aux(self, role: str) -> Any:
+        """An ONNX aux model (detector, landmark106, landmark203, hubert) from the
+        checkpoint root, opened on first use (CUDA where onnxruntime has it)."""
+        if role not in self._aux:
+            from models.ditto import aux, checkpoints
+
+            assert self.root is not None, "load() first"
+            path = self.root / checkpoints.FILES[role]
+            self._aux[role] = aux.MODELS[role](path, device=self.device.type)
+        return self._aux[role]
+
+    # --- avatar --------------------------------------------------------------
+
+    def prepare_avatar(self, photo: np.ndarray) -> DittoAvatar:
+        from models.ditto import crop, eyes
+
+        photo = _limit_side(photo, MAX_SIDE)
+        faces = self.aux("detector")(photo)
+        if len(faces) == 0:
+            raise PermanentError("no face found in the photo: use one clear, frontal face")
+        lmk106 = self.aux("landmark106")(photo, faces.boxes[faces.largest()])
+        # Ditto's two crops: a 224 one from the 106 points for the 203-point model,
+        # then the 512 one from the 203 points that the networks see.
+        m224 = crop.crop_matrix(lmk106, 224, scale=1.5, vy=-0.1)
+        face224 = crop.warp(photo, m224, (224, 224))
+        lmk203 = self.aux("landmark203")(face224, np.linalg.inv(m224))
+        m_o2c = crop.crop_matrix(lmk203, CROP, scale=2.3, vx=0.0, vy=-0.125)
+        face = crop.warp(photo, m_o2c, (CROP, CROP))
+        eye_open, eye_ball, measured = eyes.measure(face)
+        if not measured:
+            log.warning("ditto: the face mesh found no eyes in the crop; neutral eye values")
+        small = _to_chw256(face)
+        with torch.inference_mode():
+            f_s = self.nets["appearance"](small.to(self.device))[0]
+            motion = self.nets["motion_extractor"](small.to(self.device))
+        source = {k: motion[k][0].detach().float().cpu().numpy().reshape(-1) for k in SOURCE_KEYS}
+        from models.ditto.stitching import pose
+
+        x_s = pose({k: v[None] for k, v in source.items()})[0]
+        return DittoAvatar(
+            photo=photo,
+            m_c2o=np.linalg.inv(m_o2c),
+            f_s=f_s.half().cpu().numpy(),
+            source=source,
+            x_s=x_s,
+            eye_open=eye_open,
+            eye_ball=eye_ball,
+        )
+
+    def avatar_from_bytes(self, data: bytes) -> DittoAvatar:
+        return DittoAvatar.from_bytes(data)
+
+    # --- plan ----------------------------------------------------------------
+
+    def plan(
+        self,
+        avatar: DittoAvatar,
+        speech_seconds: float,
+        phones: list[Phone],
+        fps: int,
+        size: tuple[int, int],
+        seed: int,
+        audio: Speech | None = None,
+    ) -> Plan:
+        from models.ditto.audio2motion import sample_motion, split_motion
+        from models.ditto.stitching import resample_frames, stitch_plan
+        from models.wav import resample
+
+        if audio is None:
+            raise PermanentError("the ditto renderer needs the job's audio to plan")
+        samples = audio.samples.astype(np.float32) / 32768.0
+        audio16k = resample(samples, audio.sample_rate, 16000)
+        features = self.aux("hubert").features(audio16k)
+        motion_frames = math.ceil(speech_seconds * MOTION_FPS)
+        features = _fit(features, motion_frames)
+        options = self.options()
+        with torch.inference_mode():
+            motion = sample_motion(
+                self.nets["lmdm"],
+                features,
+                avatar.source["kp"],
+                source_motion=avatar.source,
+                seed=seed,
+                eye_open=avatar.eye_open,
+                eye_ball=avatar.eye_ball,
+                **options,
+            )
+        driving = split_motion(motion)
+        blinks = self.config.get("default_kwargs", {}).get("delta_eye_arr")
+        blink_shapes = None if blinks is None else np.asarray(blinks, np.float32).reshape(-1, 63)
+        _, x_d = stitch_plan(avatar.source, driving, self.stitch, seed, blink_shapes)
+        frames = math.ceil(speech_seconds * fps)
+        track = resample_frames(x_d.reshape(len(x_d), 63), MOTION_FPS, fps, frames)
+        return Plan(fps, size[0], size[1], seed, track.astype(np.float32), X_D)
+
+    def options(self) -> dict[str, Any]:
+        """LMDM's sampling options: FARM_DITTO_STEPS / FARM_DITTO_EMOTION where set,
+        else the checkpoint config's defaults, else the sampler's (upstream's)."""
+        defaults = self.config.get("default_kwargs", {})
+        options: dict[str, Any] = {}
+        steps = self.steps or defaults.get("sampling_timesteps")
+        if steps:
+            options["steps"] = int(steps)
+        emotion = self.emotion if self.emotion >= 0 else defaults.get("emo")
+        if emotion is not None:
+            options["emotion"] = emotion  # a label, or per-frame weights [M, 8]
+        clip = defaults.get("v_min_max_for_clip")
+        if clip is not None:  # rows 0 and 1: the minimum and maximum, as upstream reads them
+            options["value_range"] = (np.asarray(clip)[0], np.asarray(clip)[1])
+        return options
+
+    def stitch(self, x_s: np.ndarray, x_d: np.ndarray) -> np.ndarray:
+        """The stitching network's correction of x_d [T, 21, 3] against x_s, in fp32."""
+        from models.ditto.keypoints import stitch
+
+        with torch.inference_mode():
+            out = stitch(
+                torch.from_numpy(x_s).to(self.device, torch.float32),
+                torch.from_numpy(x_d).to(self.device, torch.float32),
+                self.nets["stitch"],
+            )
+        return out.float().cpu().numpy()
+
+    # --- render --------------------------------------------------------------
+
+    def render(
+        self, avatar: DittoAvatar, plan: Plan, frames: range, sink: FrameSink
+    ) -> RenderStats:
+        if frames.step != 1 or frames.start < 0 or frames.stop > plan.frame_count:
+            raise ValueError(f"frames {frames} are not a range inside 0..{plan.frame_count}")
+        if plan.channels != X_D:
+            raise PermanentError("this plan was not made by the ditto renderer")
+        started = time.perf_counter()
+        track = torch.from_numpy(np.ascontiguousarray(plan.track[frames.start : frames.stop]))
+        track = track.to(self.device).reshape(-1, 21, 3)
+        draw = self.drawer(avatar, plan.width, plan.height)
+        writer = FrameWriter(sink, self.device)
+        try:
+            for first in range(0, len(frames), self.batch_size):
+                writer.put(draw(track[first : first + self.batch_size]))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return RenderStats(len(frames), time.perf_counter() - started, str(self.device))
+
+    def drawer(self, avatar: DittoAvatar, width: int, height: int) -> Any:
+        """Driving keypoints [B, 21, 3] on the device -> uint8 frames [B, h, w, 3]."""
+        f_s, x_s = self._source(avatar)
+        if (width, height) == avatar.photo_size and (width, height) != (CROP, CROP):
+            paste = self._paste(avatar)
+            return lambda x_d: paste(self.crops(f_s, x_s, x_d))
+        return lambda x_d: _letterbox(self.crops(f_s, x_s, x_d), width, height)
+
+    @torch.inference_mode()
+    def crops(self, f_s: torch.Tensor, x_s: torch.Tensor, x_d: torch.Tensor) -> torch.Tensor:
+        """The 512 face crops, [B, 3, 512, 512] float in [0, 1] (warp -> decoder).
+
+        On the CPU one frame at a time: oneDNN picks its convolution kernels by batch
+        size, so a batched frame could differ in the last bits from the same frame
+        rendered alone, and a frame must not depend on the chunk it falls in. On CUDA
+        the batch runs as one, in fp16, for speed."""
+        if self.device.type == "cpu" and x_d.shape[0] > 1:
+            return torch.cat([self.crops(f_s, x_s, x_d[i : i + 1]) for i in range(len(x_d))])
+        n = x_d.shape[0]
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype == torch.float16):
+            feature = self.nets["warp"](f_s.expand(n, -1, -1, -1, -1), x_s.expand(n, -1, -1), x_d)
+            return self.nets["decoder"](feature).float().clamp(0, 1)
+
+    def _source(self, avatar: DittoAvatar) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("source", str(self.device))
+        if key not in avatar.cache:
+            f_s = torch.from_numpy(avatar.f_s).to(self.device, torch.float32)[None]
+            x_s = torch.from_numpy(avatar.x_s).to(self.device, torch.float32)[None]
+            avatar.cache[key] = (f_s, x_s)
+        return avatar.cache[key]
+
+    def _paste(self, avatar: DittoAvatar) -> PasteBack:
+        key = ("paste", str(self.device))
+        if key not in avatar.cache:
+            avatar.cache[key] = PasteBack.of(avatar, self.device)
+        return avatar.cache[key]
+
+
+class PasteBack:
+    """Crops into the photo on the device: over the crop's footprint in the photo,
+    each photo pixel samples the crop at M_o2c (bilinear, as cv2.warpAffine does with
+    pixel centres) and blends it in by the feathered mask sampled the same way."""
+
+    def __init__(self, photo: torch.Tensor, grid: torch.Tensor, alpha: torch.Tensor, box: tuple):
+        self.photo, self.grid, self.alpha, self.box = photo, grid, alpha, box
+
+    @classmethod
+    def of(cls, avatar: DittoAvatar, device: torch.device) -> PasteBack:
+        from models.ditto.crop import feather_mask
+
+        h, w = avatar.photo.shape[:2]
+        corners = np.array([[0, 0, 1], [CROP, 0, 1], [0, CROP, 1], [CROP, CROP, 1]], np.float64)
+        placed = corners @ avatar.m_c2o.T
+        x0 = int(max(0, math.floor(placed[:, 0].min())))
+        x1 = int(min(w, math.ceil(placed[:, 0].max()) + 1))
+        y0 = int(max(0, math.floor(placed[:, 1].min())))
+        y1 = int(min(h, math.ceil(placed[:, 1].max()) + 1))
+        if x1 <= x0 or y1 <= y0:
+            raise PermanentError("the avatar's face crop lies outside its photo; add it again")
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        m_o2c = np.linalg.inv(avatar.m_c2o)
+        cx = m_o2c[0, 0] * xs + m_o2c[0, 1] * ys + m_o2c[0, 2]
+        cy = m_o2c[1, 0] * xs + m_o2c[1, 1] * ys + m_o2c[1, 2]
+        grid = np.stack([(2 * cx + 1) / CROP - 1, (2 * cy + 1) / CROP - 1], -1)[None]
+        grid_t = torch.from_numpy(grid.astype(np.float32)).to(device)
+        mask = torch.from_numpy(feather_mask(CROP)).to(device)[None, None]
+        alpha = F.grid_sample(
+            mask, grid_t, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        photo = torch.from_numpy(avatar.photo[: avatar.photo_size[1], : avatar.photo_size[0]])
+        return cls(
+            photo.to(device), grid_t, alpha[0].permute(1, 2, 0).clamp(0, 1), (y0, y1, x0, x1)
+        )
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        n = crops.shape[0]
+        y0, y1, x0, x1 = self.box
+        face = F.grid_sample(
+            crops * 255, self.grid.expand(n, -1, -1, -1), mode="bilinear", align_corners=False
+        ).permute(0, 2, 3, 1)
+        out = self.photo.expand(n, -1, -1, -1).clone()
+        y1, x1 = min(y1, out.shape[1]), min(x1, out.shape[2])
+        region = out[:, y0:y1, x0:x1].float()
+        alpha = self.alpha[: y1 - y0, : x1 - x0]
+        blended = face[:, : y1 - y0, : x1 - x0] * alpha + region * (1 - alpha)
+        out[:, y0:y1, x0:x1] = blended.round().clamp(0, 255).to(torch.uint8)
+        return out
+
+
+def _letterbox(crops: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[B, 3, 512, 512] in [0, 1] -> uint8 [B, height, width, 3]: the face scaled to
+    the shorter side, centred on black."""
+    side = min(width, height)
+    if side != CROP:
+        crops = F.interpolate(crops, size=(side, side), mode="bilinear", antialias=True)
+    frames = (crops * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    if (width, height) == (side, side):
+        return frames.contiguous()
+    out = frames.new_zeros((frames.shape[0], height, width, 3))
+    top, left = (height - side) // 2, (width - side) // 2
+    out[:, top : top + side, left : left + side] = frames
+    return out
+
+
+def _to_chw256(face: np.ndarray) -> torch.Tensor:
+    """A 512 crop (uint8 HWC) as the extractors take it: [1, 3, 256, 256] in [0, 1],
+    resized with area averaging as upstream does."""
+    import cv2
+
+    small = cv2.resize(face, (256, 256), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(small.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def _limit_side(photo: np.ndarray, limit: int) -> np.ndarray:
+    h, w = photo.shape[:2]
+    if max(h, w) <= limit:
+        return np.ascontiguousarray(photo)
+    import cv2
+
+    k = limit / max(h, w)
+    return cv2.resize(photo, (round(w * k), round(h * k)), interpolation=cv2.INTER_AREA)
+
+
+def _fit(features: np.ndarray, frames: int) -> np.ndarray:
+    """HuBERT features cut or padded (repeating the last) to exactly `frames` rows."""
+    if len(features) >= frames:
+        return features[:frames]
+    pad = np.repeat(features[-1:], frames - len(features), 0)
+    return np.concatenate([features, pad], 0)
