@@ -962,6 +962,35 @@ def doctor() -> None:
         raise checks.Unhealthy(f"{len(broken)} needed check(s) failed: {names}")
 
 
+@main.group()
+def models() -> None:
+    """Renderer weights: check what a backend would load."""
+
+
+@models.command(name="check")
+@click.argument("renderer", type=click.Choice(["ditto"]))
+@fail_cleanly
+def models_check(renderer: str) -> None:
+    """Load and check every checkpoint file of RENDERER without rendering (in a child
+    process: this one never imports torch). Exit status 1 on a problem."""
+    import subprocess
+
+    root = Settings.from_env().renderer_dir(renderer)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"models.{renderer}.checkpoints", str(root)],
+        capture_output=True,
+        text=True,
+    )
+    for line in proc.stdout.splitlines():
+        click.echo(one_line(line))
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1:] if proc.returncode != 1 else []
+        raise InvalidInput(
+            f"{renderer} checkpoints at {root} are not usable"
+            + (f": {detail[0]}" if detail else "")
+        )
+
+
 @main.command()
 @fail_cleanly
 def stop() -> None:

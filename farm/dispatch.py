@@ -14,7 +14,7 @@ and each stage queues the next on the lane it came on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from farm.errors import RetryableError
@@ -63,6 +63,7 @@ class Message:
     bulk: bool = False
     id: str | None = None
     countdown: float | None = None
+    queue: str = "cpu"
 
 
 class InMemoryDispatcher:
@@ -78,7 +79,8 @@ class InMemoryDispatcher:
 
     def enqueue(self, stage: Stage, job_id: str, *args: int, bulk: bool = False) -> None:
         idx = args[0] if stage.members else None
-        self._put(Message(stage.task, (job_id, *args), bulk, task_id(job_id, stage, idx)))
+        message = Message(stage.task, (job_id, *args), bulk, task_id(job_id, stage, idx))
+        self._put(replace(message, queue=stage.queue))
 
     def deliver(self, delivery_id: str, attempt: int, countdown: float | None = None) -> None:
         self._put(Message(NOTIFY_TASK, (delivery_id, attempt), countdown=countdown))

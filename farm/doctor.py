@@ -421,6 +421,25 @@ def _avatar_result(store: Any, name: str, key: str, settings: Settings) -> Resul
     return Result("avatar", False, f"{name}: {key} is missing from the store", fix)
 
 
+def check_ditto(settings: Settings) -> list[Result]:
+    """Ditto's checkpoint root has every file (a quick look: `farm models check ditto`
+    loads each one). Only when the configuration uses Ditto."""
+    if settings.renderer != "ditto" and not settings.ditto_dir:
+        return []
+    from models.ditto.checkpoints import FILES  # the layout only: no torch
+
+    root = settings.renderer_dir("ditto")
+    missing = [rel for rel in FILES.values() if not (root / rel).is_file()]
+    if missing:
+        fix = "download Ditto's checkpoints there, or point FARM_DITTO_DIR at them"
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        return [Result("ditto checkpoints", False, f"{root}: missing {shown}", fix)]
+    detail = f"{root}: all {len(FILES)} files present (farm models check ditto loads them)"
+    return [Result("ditto checkpoints", True, detail)]
+
+
 CHECKS: tuple[tuple[str, Check], ...] = (
     ("python", check_python),
     ("torch", check_torch),
@@ -432,6 +451,7 @@ CHECKS: tuple[tuple[str, Check], ...] = (
     ("store", check_store),
     ("model dir", check_model_dir),
     ("avatars", check_avatars),
+    ("ditto", check_ditto),
 )
 
 

@@ -250,6 +250,7 @@ def retry(ctx: Context, job_id_or_prefix: str) -> Stalled:
             queries.reset_failed_chunks(s, job.id)
         if not queries.reopen_job(s, job.id, stage.states[0]):
             raise InvalidInput(f"job {job.id} changed while it was being retried")
+        stage = pipeline.for_renderer(stage, job.renderer)
         work = sweep.Stalled(job.id, stage, items, batches.is_bulk_priority(job.priority))
     sweep.resume(ctx, work)
     return work

@@ -10,7 +10,7 @@ functions that do each stage's work live in workers/stages.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from farm import states
@@ -40,6 +40,21 @@ STAGES: tuple[Stage, ...] = (PREPARE, TTS, PLAN, RENDER, MUX, PUBLISH)
 BY_NAME = {s.name: s for s in STAGES}
 BY_TASK = {s.task: s for s in STAGES}
 NEXT = dict(zip(STAGES, STAGES[1:], strict=False))
+
+
+# A backend whose plan needs the GPU (Ditto's HuBERT and diffusion sampling) plans
+# on the render queue: the same task, another queue.
+PLAN_ON_RENDER = replace(PLAN, queue="render")
+
+
+def for_renderer(stage: Stage, renderer: str) -> Stage:
+    """The stage as a job of this renderer runs it: where its plan runs is the
+    backend's declaration (models/registry.py, PLANS_ON_RENDER)."""
+    from models.registry import PLANS_ON_RENDER  # names only: no backend is imported
+
+    if stage == PLAN and renderer in PLANS_ON_RENDER:
+        return PLAN_ON_RENDER
+    return stage
 
 
 def task_id(job_id: str, stage: Stage, idx: int | None = None) -> str:

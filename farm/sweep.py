@@ -42,6 +42,7 @@ def stage_of(job: Job, segments: list, chunks: list) -> Stalled:
     """What an active job waits for, by its state: the unfinished members of that stage."""
     stage = pipeline.stage_in(job.state)
     items = pipeline.unfinished(stage, segments, chunks)
+    stage = pipeline.for_renderer(stage, job.renderer)
     return Stalled(job.id, stage, items, batches.is_bulk_priority(job.priority))
 
 

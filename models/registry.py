@@ -19,6 +19,8 @@ RENDERERS: dict[str, tuple[str, str, bool]] = {
     "null": ("models.null:NullRenderer", "farm", False),  # no work: scheduling tests, overhead
     "ditto": ("models.ditto.renderer:DittoRenderer", "farm[ditto]", True),
 }
+# Backends whose plan stage needs the GPU, so it runs on the render queue.
+PLANS_ON_RENDER: frozenset[str] = frozenset({"ditto"})
 
 
 @cache

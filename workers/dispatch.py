@@ -23,7 +23,7 @@ from farm.dispatch import (
 )
 from farm.errors import BrokerUnavailable, FarmError, InvalidInput, RetryableError
 from farm.pipeline import Stage, task_id, task_ids
-from workers.app import BULK_QUEUES, bulk_queue
+from workers.app import BULK_QUEUES
 
 
 @contextmanager
@@ -47,11 +47,11 @@ class CeleryDispatcher:
 
     def enqueue(self, stage: Stage, job_id: str, *args: int, bulk: bool = False) -> None:
         idx = args[0] if stage.members else None
-        # The bulk lane (cpu_bulk, render_bulk) is taken only when the interactive
-        # queues are empty; else the routes in workers/app.py pick the queue.
+        # The stage's queue (farm/pipeline.py), or its bulk lane (cpu_bulk,
+        # render_bulk), which workers take from only when the interactive queues are
+        # empty.
         # ignore_result: outside a worker (the CLI) send_task would otherwise subscribe
         # to a result no task stores, and fail on that first when the broker is down.
-        lane = {"queue": bulk_queue(stage.task)} if bulk else {}
         with _broker():
             self.app.send_task(
                 stage.task,
@@ -59,7 +59,7 @@ class CeleryDispatcher:
                 kwargs={"bulk": True} if bulk else {},
                 task_id=task_id(job_id, stage, idx),
                 ignore_result=True,
-                **lane,
+                queue=BULK_QUEUES[stage.queue] if bulk else stage.queue,
             )
 
     def deliver(self, delivery_id: str, attempt: int, countdown: float | None = None) -> None:

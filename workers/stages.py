@@ -85,7 +85,9 @@ def tts_segment(ctx: Context, job_id: str, idx: int, bulk: bool = False) -> floa
         return 0.0
     seconds = speak(ctx, job_id, idx)
     if segment_finished(ctx, job_id, idx, seconds):
-        ctx.dispatch.enqueue(pipeline.PLAN, job_id, bulk=bulk)
+        with ctx.session() as s:
+            renderer = queries.get_job(s, job_id).renderer
+        ctx.dispatch.enqueue(pipeline.for_renderer(pipeline.PLAN, renderer), job_id, bulk=bulk)
     return seconds
 
 

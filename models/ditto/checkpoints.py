@@ -408,3 +408,24 @@ def check(root: str | os.PathLike[str]) -> list[str]:
         if path.is_file():
             problems += cls.problems(path)
     return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.ditto.checkpoints ROOT`: check() as lines, exit 1 on a problem
+    (what `farm models check ditto` runs, in a child, so the CLI never imports torch)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m models.ditto.checkpoints CHECKPOINT_ROOT", file=sys.stderr)
+        return 2
+    problems = check(args[0])
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"{args[0]}: every Ditto checkpoint file is present and loads")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

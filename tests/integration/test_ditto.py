@@ -171,3 +171,26 @@ def test_submit_with_a_ditto_avatar_on_the_embedded_default(ditto_dir, tmp_path)
         assert video.audio_seconds == pytest.approx(frames / 25, abs=0.1)
     finally:
         farm("stop", env=env, timeout=120)
+
+
+def test_models_check_loads_every_file_and_names_a_broken_one(ditto_dir, tmp_path):
+    import shutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    good = farm("models", "check", "ditto", env=env | {"FARM_DITTO_DIR": str(ditto_dir)})
+    assert good.returncode == 0, good.stderr
+    assert "every Ditto checkpoint file is present and loads" in good.stdout
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ditto_dir, broken)
+    decoder = broken / "ditto_pytorch" / "models" / "decoder.pth"
+    decoder.write_bytes(decoder.read_bytes()[:1000])  # a download cut short
+    (broken / "ditto_pytorch" / "aux_models" / "2d106det.onnx").unlink()
+    bad = farm("models", "check", "ditto", env=env | {"FARM_DITTO_DIR": str(broken)})
+    assert bad.returncode == 1
+    assert "decoder.pth" in bad.stdout and "2d106det.onnx: missing" in bad.stdout
+    assert bad.stderr.strip().startswith("farm: error: ditto checkpoints at")
+
+    doctor = farm("doctor", env=env | {"FARM_DITTO_DIR": str(broken), "FARM_HOME": str(tmp_path)})
+    line = next(ln for ln in doctor.stdout.splitlines() if "ditto checkpoints" in ln)
+    assert "missing ditto_pytorch/aux_models/2d106det.onnx" in line and doctor.returncode == 1

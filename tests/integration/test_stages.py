@@ -19,8 +19,8 @@ def request(**changes: object) -> jobs.JobRequest:
     values: dict = dict(
         script=SCRIPT, avatar="demo", voice="espeak", fps=25, size=(64, 64), chunk_frames=20
     )
-    values.update(changes)
-    return jobs.JobRequest(seed=2, renderer="null", **values)
+    values = {"renderer": "null", **values, **changes}
+    return jobs.JobRequest(seed=2, **values)
 
 
 def job(ctx: Context, job_id: str):
@@ -86,3 +86,12 @@ def test_a_cancelled_job_s_queued_stages_never_run(db_ctx: Context):
     assert outcome.job.id == job_id and outcome.not_revoked is None
     assert run_stages(db_ctx) == []  # the plan message was revoked
     assert job(db_ctx, job_id).state == states.CANCELLED
+
+
+def test_a_ditto_job_plans_on_the_render_queue(db_ctx: Context):
+    """Ditto's plan runs HuBERT and diffusion sampling: the backend declares that it
+    belongs where the GPU is, and the last segment queues it there."""
+    job_id = jobs.submit(db_ctx, request(renderer="ditto"))
+    run_stages(db_ctx, until=pipeline.PLAN)
+    (planned,) = [m for m in db_ctx.dispatch.messages if m.task == pipeline.PLAN.task]
+    assert planned.queue == "render" and planned.args == (job_id,)

@@ -60,3 +60,10 @@ def test_the_routes_put_each_stage_on_its_queue_and_lane():
         assert routed == stage.queue
         assert bulk_queue(stage.task) == f"{stage.queue}_bulk"
     assert bulk_queue("farm.notify") == "cpu_bulk"
+
+
+def test_a_backend_that_plans_on_the_gpu_gets_its_plan_on_the_render_queue():
+    assert pipeline.for_renderer(PLAN, "ditto").queue == "render"
+    assert pipeline.for_renderer(PLAN, "ditto").task == PLAN.task  # the same task
+    assert pipeline.for_renderer(PLAN, "portrait") is PLAN
+    assert pipeline.for_renderer(RENDER, "ditto") is RENDER
