@@ -233,6 +233,19 @@ def _check_seed(seed: int | None) -> None:
     default=None,
     help="Render with this backend [default: the avatar's, else env FARM_RENDERER].",
 )
+@click.option(
+    "--ditto-steps",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="ditto: diffusion (DDIM) steps; fewer is faster [default: the checkpoint's, 50].",
+)
+@click.option(
+    "--emotion",
+    default=None,
+    metavar="NAME",
+    help="ditto: angry, disgust, fear, happy, neutral, sad, surprise or contempt "
+    "[default: the checkpoint's, neutral].",
+)
 @click.option("--wait", is_flag=True, help="Show progress and wait for the video.")
 @click.option(
     "--output",
@@ -259,6 +272,8 @@ def submit(
     chunk_frames: int | None,
     seed: int | None,
     renderer: str | None,
+    ditto_steps: int | None,
+    emotion: str | None,
     wait: bool,
     output: Path | None,
     webhook: str | None,
@@ -301,6 +316,7 @@ def submit(
         seed=seed,
         webhook=webhook,
         renderer=renderer,
+        options=jobs.ditto_options(ditto_steps, emotion),
     )
     ctx = make_context()
     job_id = jobs.submit(ctx, request)

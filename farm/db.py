@@ -99,6 +99,9 @@ class Job(Base):
     # script job) and the words speech recognition heard in it (for `farm status`)
     audio_key: Mapped[str | None] = mapped_column(String(512))
     transcript: Mapped[str | None] = mapped_column(Text)
+    # renderer options (migration 0005): what `submit` asked of the backend, e.g.
+    # {"steps": 10, "emotion": 3} for Ditto; None: the backend's defaults
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Batch(Base):

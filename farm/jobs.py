@@ -75,6 +75,9 @@ class JobRequest:
     # An audio-only job: the normalised input (farm.audio.to_wav), spoken instead of
     # `script` (then empty); motion comes from speech recognition on it.
     audio_wav: bytes | None = None
+    # The backend's own options (models/registry.py RENDERER_OPTIONS), e.g. Ditto's
+    # {"steps": 10, "emotion": 3}; checked against the job's renderer at submit.
+    options: dict[str, int] | None = None
 
 
 def validate(ctx: Context, req: JobRequest) -> str | None:
@@ -124,8 +127,40 @@ def new_row(
         seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
         priority=req.priority,
         webhook_url=webhook_url,
+        options=req.options or None,
         **batch_fields,
     )
+
+
+def ditto_options(steps: int | None, emotion: str | None) -> dict[str, int] | None:
+    """`submit --ditto-steps N --emotion NAME` as the job's options (None: neither)."""
+    from models.registry import DITTO_EMOTIONS
+
+    options: dict[str, int] = {}
+    if steps is not None:
+        options["steps"] = steps
+    if emotion is not None:
+        name = emotion.strip().lower()
+        if name not in DITTO_EMOTIONS:
+            raise InvalidInput(
+                f"unknown emotion {emotion[:40]!r}; choose one of {', '.join(DITTO_EMOTIONS)}"
+            )
+        options["emotion"] = DITTO_EMOTIONS.index(name)
+    return options or None
+
+
+def check_options(renderer: str, options: dict[str, int] | None) -> None:
+    """Refuse options the job's renderer does not take, or out of their range."""
+    from models.registry import RENDERER_OPTIONS
+
+    allowed = RENDERER_OPTIONS.get(renderer, {})
+    for name, value in (options or {}).items():
+        if name not in allowed:
+            flag = "--ditto-steps" if name == "steps" else f"--{name}"
+            raise InvalidInput(f"{flag} is a ditto option; this job renders with {renderer}")
+        low, high = allowed[name]
+        if not low <= value <= high:
+            raise InvalidInput(f"{renderer} {name} must be within {low}..{high}, got {value}")
 
 
 def _own(avatar: str, registered_for: str | None) -> str | None:
@@ -148,6 +183,7 @@ def submit(ctx: Context, req: JobRequest) -> str:
     with ctx.session() as s:
         avatar = queries.get_avatar(s, req.avatar)
     row = new_row(ctx, req, webhook_url, avatar.renderer if avatar else None)
+    check_options(row["renderer"], req.options)
     job_id = row["id"]
     if req.audio_wav is not None:
         row["audio_key"] = job_key(job_id, INPUT_AUDIO)

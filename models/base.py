@@ -140,9 +140,11 @@ class Renderer(Protocol):
         size: tuple[int, int],
         seed: int,
         audio: Speech | None = None,
+        options: dict[str, int] | None = None,
     ) -> Plan:
         """Sequential: the whole job's motion, from its phones or (a backend driven by
-        the sound itself) its audio on the job's timeline."""
+        the sound itself) its audio on the job's timeline. `options`: the job's own
+        (models/registry.py RENDERER_OPTIONS), checked at submit."""
 
     def render(
         self, avatar: AvatarArtifact, plan: Plan, frames: range, sink: FrameSink

@@ -59,6 +59,7 @@ class NullRenderer:
         size: tuple[int, int],
         seed: int,
         audio: Speech | None = None,
+        options: dict[str, int] | None = None,
     ) -> Plan:
         frames = math.ceil(speech_seconds * fps)
         return Plan(fps, size[0], size[1], seed, np.zeros((frames, len(CHANNELS)), np.float32))

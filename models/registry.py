@@ -19,6 +19,12 @@ RENDERERS: dict[str, tuple[str, str, bool]] = {
     "null": ("models.null:NullRenderer", "farm", False),  # no work: scheduling tests, overhead
     "ditto": ("models.ditto.renderer:DittoRenderer", "farm[ditto]", True),
 }
+# Per-job options a backend takes, with their ranges (`farm submit --ditto-steps`).
+RENDERER_OPTIONS: dict[str, dict[str, tuple[int, int]]] = {
+    "ditto": {"steps": (1, 1000), "emotion": (0, 7)},
+}
+# Ditto's emotion classes, by their index in its condition (upstream's order).
+DITTO_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise", "contempt")
 # Backends whose plan stage needs the GPU, so it runs on the render queue.
 PLANS_ON_RENDER: frozenset[str] = frozenset({"ditto"})
 

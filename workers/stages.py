@@ -176,7 +176,7 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         if job.state != states.PLANNING:
             return []
         segments = [(seg.idx, seg.pause_after_ms) for seg in queries.get_segments(s, job_id)]
-        avatar_name, renderer_name = job.avatar, job.renderer
+        avatar_name, renderer_name, options = job.avatar, job.renderer, job.options
         fps, size, seed, chunk_frames = job.fps, (job.width, job.height), job.seed, job.chunk_frames
     samples, rate, phones = assemble_audio(
         [_stored_segment(ctx, job_id, idx, pause_ms) for idx, pause_ms in segments],
@@ -198,7 +198,7 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         size = getattr(avatar, "photo_size", None)
         if size is None:
             raise InvalidInput(f"the {renderer_name} renderer has no whole-photo output")
-    motion = renderer.plan(avatar, seconds, phones, fps, size, seed, audio=speech)
+    motion = renderer.plan(avatar, seconds, phones, fps, size, seed, speech, options)
     if motion.frame_count != math.ceil(seconds * fps):
         raise InvalidInput(f"plan has {motion.frame_count} frames for {seconds:.3f} s")
     ctx.store.put_bytes(job_key(job_id, "plan.npz"), motion.to_bytes())

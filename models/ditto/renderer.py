@@ -177,6 +177,7 @@ class DittoRenderer:
         size: tuple[int, int],
         seed: int,
         audio: Speech | None = None,
+        options: dict[str, int] | None = None,
     ) -> Plan:
         from models.ditto.audio2motion import sample_motion, split_motion
         from models.ditto.stitching import resample_frames, stitch_plan
@@ -189,7 +190,7 @@ class DittoRenderer:
         features = self.aux("hubert").features(audio16k)
         motion_frames = math.ceil(speech_seconds * MOTION_FPS)
         features = _fit(features, motion_frames)
-        options = self.options()
+        options = self.options(options or {})
         with torch.inference_mode():
             motion = sample_motion(
                 self.nets["lmdm"],
@@ -209,15 +210,16 @@ class DittoRenderer:
         track = resample_frames(x_d.reshape(len(x_d), 63), MOTION_FPS, fps, frames)
         return Plan(fps, size[0], size[1], seed, track.astype(np.float32), X_D)
 
-    def options(self) -> dict[str, Any]:
-        """LMDM's sampling options: FARM_DITTO_STEPS / FARM_DITTO_EMOTION where set,
-        else the checkpoint config's defaults, else the sampler's (upstream's)."""
+    def options(self, job: dict[str, int]) -> dict[str, Any]:
+        """LMDM's sampling options: the job's (`submit --ditto-steps/--emotion`), else
+        FARM_DITTO_STEPS / FARM_DITTO_EMOTION where set, else the checkpoint config's
+        defaults, else the sampler's (upstream's)."""
         defaults = self.config.get("default_kwargs", {})
         options: dict[str, Any] = {}
-        steps = self.steps or defaults.get("sampling_timesteps")
+        steps = job.get("steps") or self.steps or defaults.get("sampling_timesteps")
         if steps:
             options["steps"] = int(steps)
-        emotion = self.emotion if self.emotion >= 0 else defaults.get("emo")
+        emotion = job.get("emotion", self.emotion if self.emotion >= 0 else defaults.get("emo"))
         if emotion is not None:
             options["emotion"] = emotion  # a label, or per-frame weights [M, 8]
         clip = defaults.get("v_min_max_for_clip")

@@ -73,6 +73,7 @@ class PortraitRenderer:
         size: tuple[int, int],
         seed: int,
         audio: Speech | None = None,
+        options: dict[str, int] | None = None,
     ) -> Plan:
         from models.motion import build_track  # written beside this backend; import late
 

@@ -91,6 +91,15 @@ def test_the_plan_is_seeded_and_shares_no_noise_between_jobs(renderer, avatar, s
     assert c.frame_count == math.ceil(speech.seconds * 30)
 
 
+def test_a_job_s_steps_and_emotion_change_its_plan(renderer, avatar, speech):
+    base = plan(renderer, avatar, speech, seed=3).track
+    ask = renderer.plan
+    fewer = ask(avatar, speech.seconds, speech.phones, 25, (512, 512), 3, speech, {"steps": 4})
+    happy = ask(avatar, speech.seconds, speech.phones, 25, (512, 512), 3, speech, {"emotion": 3})
+    assert fewer.frame_count == happy.frame_count == len(base)
+    assert not np.allclose(fewer.track, base) and not np.allclose(happy.track, base)
+
+
 def test_a_frame_is_the_same_inside_a_chunk_and_alone(renderer, avatar, speech):
     p = plan(renderer, avatar, speech, seed=5)
     chunk, alone = ListSink(), ListSink()
@@ -156,7 +165,7 @@ def test_submit_with_a_ditto_avatar_on_the_embedded_default(ditto_dir, tmp_path)
         out = tmp_path / "roman.mp4"
         done = farm(
             "submit", str(script), "--avatar", "roman", "--voice", "espeak", "--wait",
-            "--output", str(out), env=env,
+            "--ditto-steps", "3", "--emotion", "Happy", "--output", str(out), env=env,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         job_id = done.stdout.split()[0]

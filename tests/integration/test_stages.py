@@ -5,6 +5,8 @@ the frames: this is about the stages and their messages, not pixels."""
 
 from __future__ import annotations
 
+import pytest
+
 from farm import batches, jobs, pipeline, queries, states
 from farm.context import Context
 from farm.dispatch import BATCH_COMPLETED_TASK
@@ -95,3 +97,21 @@ def test_a_ditto_job_plans_on_the_render_queue(db_ctx: Context):
     run_stages(db_ctx, until=pipeline.PLAN)
     (planned,) = [m for m in db_ctx.dispatch.messages if m.task == pipeline.PLAN.task]
     assert planned.queue == "render" and planned.args == (job_id,)
+
+
+def test_renderer_options_are_kept_for_their_backend_and_refused_elsewhere(db_ctx: Context):
+    from farm.errors import InvalidInput
+
+    options = jobs.ditto_options(12, "Sad")
+    assert options == {"steps": 12, "emotion": 5}
+    job_id = jobs.submit(db_ctx, request(renderer="ditto", options=options))
+    assert job(db_ctx, job_id).options == {"steps": 12, "emotion": 5}
+    assert job(db_ctx, jobs.submit(db_ctx, request())).options is None
+    with pytest.raises(InvalidInput, match="--ditto-steps is a ditto option"):
+        jobs.submit(db_ctx, request(options={"steps": 3}))  # a null-renderer job
+    with pytest.raises(InvalidInput, match="emotion must be within 0..7"):
+        jobs.submit(db_ctx, request(renderer="ditto", options={"emotion": 9}))
+    with pytest.raises(InvalidInput, match="unknown emotion 'gleeful'"):
+        jobs.ditto_options(None, "gleeful")
+    with db_ctx.session() as s:
+        assert len(queries.list_jobs(s, 10, None)) == 2  # nothing refused was recorded
