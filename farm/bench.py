@@ -30,9 +30,19 @@ DEFAULT_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "bench.tx
 
 
 def stage_figures(
-    script: Path, runs: int, sizes: str, threads: str, device: str, batch: str = "16"
+    script: Path,
+    runs: int,
+    sizes: str,
+    threads: str,
+    device: str,
+    batch: str = "16",
+    renderer: tuple[str, Path] | None = None,
+    frames: int | None = None,
 ) -> dict:
-    """Runs farm/bench_stages.py in a child process so this one never imports torch."""
+    """Runs farm/bench_stages.py in a child process so this one never imports torch.
+    `renderer`: ("ditto", its checkpoint root) for that backend's figures instead."""
+    extra = [] if renderer is None else ["--renderer", renderer[0], "--ditto-dir", str(renderer[1])]
+    extra += [] if frames is None else ["--frames", str(frames)]
     proc = subprocess.run(
         [
             sys.executable,
@@ -52,6 +62,7 @@ def stage_figures(
             batch,
             "--encoder",
             os.environ.get("FARM_VIDEO_ENCODER", "auto"),
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -95,6 +106,23 @@ def _run_job(ctx: Context, req: jobs.JobRequest, timeout: float = 600) -> Job:
             return job
         time.sleep(0.05)
     raise FarmError(f"benchmark job {job_id} did not finish in {timeout:.0f} s")
+
+
+def format_ditto(stages: dict) -> str:
+    """`farm bench --renderer ditto`: one line per figure."""
+    row = stages["ditto"]
+    lines = [f"Ditto on {row['device']} (batch {row['batch']}, {row['frames']} frames)"]
+    lines.append(f"  plan      {row['plan_seconds_per_audio_second']:.3f} s per second of audio")
+    for key, value in row.items():
+        if key.startswith("render_fps"):
+            lines.append(f"  render    {value:8.2f} fps  {key.removeprefix('render_fps ')}")
+    memory = [f"peak RSS {row['peak_rss_mib']:.0f} MiB"]
+    if "peak_gpu_mib" in row:
+        memory.append(f"peak GPU {row['peak_gpu_mib']:.0f} MiB")
+    lines.append("  memory    " + ", ".join(memory))
+    if "machine" in stages:
+        lines.append("Machine: " + "  ".join(f"{k} {v}" for k, v in stages["machine"].items()))
+    return "\n".join(lines)
 
 
 def format_report(stages: dict, e2e: dict | None) -> str:

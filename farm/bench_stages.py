@@ -238,6 +238,48 @@ def _driver_version() -> str:
     return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout else "?"
 
 
+def bench_ditto(
+    speech: Speech, root: Path, device: str, frames: int, runs: int, batch: int
+) -> dict[str, Any]:
+    """The ditto backend with the checkpoints under `root`: plan seconds per second of
+    audio (HuBERT, LMDM, stitching), render fps of the 512 face crop and of a 1280x720
+    whole photo (warp, decoder, paste-back, to host frames), and peak memory."""
+    import torch
+
+    from models.ditto.renderer import DittoRenderer
+    from models.portrait import demo_photo
+    from models.tts import Speech as Audio
+
+    seconds, phones, samples, rate = speech
+    renderer = DittoRenderer(batch_size=batch)
+    renderer.load(root, device)
+    audio = Audio(samples=samples, sample_rate=rate, phones=phones)
+    out: dict[str, Any] = {"device": str(renderer.device), "batch": batch, "frames": frames}
+    for mode, photo in (("512 face", demo_photo()), ("1280x720 photo", bench_photo((1280, 720)))):
+        avatar = renderer.prepare_avatar(photo)
+        size = (512, 512) if mode == "512 face" else avatar.photo_size
+        plan_s, plan = _median_time(
+            lambda a=avatar, s=size: renderer.plan(a, seconds, phones, FPS, s, 1, audio), runs
+        )
+        out.setdefault("plan_seconds_per_audio_second", plan_s / seconds)
+        n = min(frames, plan.frame_count)
+
+        class Keep:
+            def write(self, batch_frames: np.ndarray) -> None:
+                pass
+
+        renderer.render(avatar, plan, range(0, min(n, batch)), Keep())  # warm up
+        if renderer.device.type == "cuda":
+            torch.cuda.synchronize()
+        render_s, _ = _median_time(
+            lambda a=avatar, p=plan, k=n: renderer.render(a, p, range(k), Keep()), runs
+        )
+        out[f"render_fps {mode}"] = n / render_s
+    if renderer.device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--script", type=Path, required=True)
@@ -253,8 +295,18 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", default="16", help="frames per render batch, e.g. 16,64")
     ap.add_argument("--encoder", default="auto", help="FARM_VIDEO_ENCODER for the encodes")
+    ap.add_argument("--renderer", default="portrait", help="portrait, or ditto")
+    ap.add_argument("--ditto-dir", type=Path, default=None, help="Ditto's checkpoint root")
     args = ap.parse_args()
     text = args.script.read_text(encoding="utf-8")
+    if args.renderer == "ditto":
+        batch = int(args.batch.split(",")[0])
+        row = bench_ditto(
+            job_speech(text), args.ditto_dir, args.device, args.frames, args.runs, batch
+        )
+        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"machine": machine(args.device, args.encoder), "ditto": row}))
+        return
     out: dict[str, Any] = {"machine": machine(args.device, args.encoder), "tts": {}, "render": []}
     from farm import encoders
 

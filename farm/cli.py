@@ -1055,6 +1055,20 @@ def db_upgrade(revision: str) -> None:
     "--e2e/--no-e2e", default=True, show_default=True, help="Also time whole jobs through the farm."
 )
 @click.option(
+    "--renderer",
+    type=click.Choice(["portrait", "ditto"]),
+    default="portrait",
+    show_default=True,
+    help="ditto: plan s per audio s, render fps (512 face, 1280x720 photo), peak memory, "
+    "with the checkpoints under FARM_DITTO_DIR (no TTS, encode or end-to-end figures).",
+)
+@click.option(
+    "--frames",
+    type=click.IntRange(1, 100000),
+    default=None,
+    help="Frames rendered per figure [default: 250; with --renderer ditto on a CPU use few].",
+)
+@click.option(
     "--workers",
     default=None,
     help="Render worker counts to compare, e.g. 1,2 (needs FARM_BROKER_URL): "
@@ -1091,14 +1105,17 @@ def bench(
     device: str,
     batch: str,
     e2e: bool,
+    renderer: str,
+    frames: int | None,
     workers: str | None,
     frame_ms: str,
     load_jobs: int | None,
     json_out: Path | None,
 ) -> None:
     """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio;
-    with --workers, render-worker scaling and the per-chunk overhead instead; with
-    --load, a farm under N jobs submitted at once."""
+    with --renderer ditto, that backend's plan and render figures; with --workers,
+    render-worker scaling and the per-chunk overhead instead; with --load, a farm under
+    N jobs submitted at once."""
 
     from farm import bench as b
 
@@ -1117,7 +1134,16 @@ def bench(
         return
 
     script = script or b.DEFAULT_SCRIPT
-    stages = b.stage_figures(script, runs, sizes, threads, device, batch)
+    if renderer == "ditto":
+        root = Settings.from_env().renderer_dir("ditto")
+        stages = b.stage_figures(
+            script, runs, sizes, threads, device, batch, ("ditto", root), frames
+        )
+        click.echo(b.format_ditto(stages))
+        if json_out:
+            _write_json(json_out, {"ditto": stages})
+        return
+    stages = b.stage_figures(script, runs, sizes, threads, device, batch, frames=frames)
     e2e_row = None
     if e2e:
         ctx = make_context()

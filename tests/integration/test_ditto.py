@@ -203,3 +203,23 @@ def test_models_check_loads_every_file_and_names_a_broken_one(ditto_dir, tmp_pat
     doctor = farm("doctor", env=env | {"FARM_DITTO_DIR": str(broken), "FARM_HOME": str(tmp_path)})
     line = next(ln for ln in doctor.stdout.splitlines() if "ditto checkpoints" in ln)
     assert "missing ditto_pytorch/aux_models/2d106det.onnx" in line and doctor.returncode == 1
+
+
+def test_bench_reports_ditto_plan_render_and_memory(ditto_dir, tmp_path):
+    """`farm bench --renderer ditto` (random weights: the speed of the real shapes only
+    at full size; these are the reduced ones, so only the figures' presence is checked)."""
+    import json
+
+    script = tmp_path / "bench.txt"
+    script.write_text("A short line to time.", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env |= {"FARM_DITTO_DIR": str(ditto_dir), "FARM_HOME": str(tmp_path / "home")}
+    figures = tmp_path / "ditto.json"
+    args = ["bench", "--renderer", "ditto", "--script", str(script), "--runs", "1"]
+    out = farm(*args, "--frames", "2", "--json", str(figures), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "s per second of audio" in out.stdout and "fps  512 face" in out.stdout
+    assert "1280x720 photo" in out.stdout and "peak RSS" in out.stdout
+    row = json.loads(figures.read_text())["ditto"]["ditto"]
+    assert row["frames"] == 2 and row["plan_seconds_per_audio_second"] > 0
+    assert row["render_fps 512 face"] > 0 and row["render_fps 1280x720 photo"] > 0
