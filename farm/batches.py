@@ -117,8 +117,7 @@ def check(
                 chunk_frames=options.chunk_frames,
                 webhook=webhook,
             )
-            jobs.validate(ctx, req)
-            jobs_checked[combo] = _job_webhook(ctx, webhook, avatar)
+            jobs_checked[combo] = jobs.validate(ctx, req).webhook_url
         return jobs_checked[combo]
 
     with ctx.session() as s:
@@ -148,12 +147,6 @@ def check(
     return manifest.check_rows(
         raw, base, options.defaults, ctx.settings.max_script_chars, check_job, taken, check_script
     )
-
-
-def _job_webhook(ctx: Context, explicit: str | None, avatar: str) -> str | None:
-    from farm import webhooks
-
-    return webhooks.job_webhook(ctx, explicit, avatar)
 
 
 def load(

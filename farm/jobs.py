@@ -80,9 +80,17 @@ class JobRequest:
     options: dict[str, int] | None = None
 
 
-def validate(ctx: Context, req: JobRequest) -> str | None:
-    """Refuse what cannot run, before any row exists. Returns the job's webhook URL
-    (checked: a refused target is refused here)."""
+@dataclass(frozen=True)
+class Validated:
+    """What validation learnt on the way: the job's webhook URL (checked) and the
+    renderer its avatar was registered for (None: a built-in not registered yet)."""
+
+    webhook_url: str | None
+    registered_for: str | None
+
+
+def validate(ctx: Context, req: JobRequest) -> Validated:
+    """Refuse what cannot run, before any row exists, reading the avatar once."""
     if req.renderer is not None and req.renderer not in renderer_names():
         raise InvalidInput(
             f"unknown renderer {req.renderer!r}; choose one of {', '.join(renderer_names())}"
@@ -94,14 +102,16 @@ def validate(ctx: Context, req: JobRequest) -> str | None:
         raise InvalidInput(f"fps must be within 1..60, got {req.fps}")
     if not 1 <= req.chunk_frames <= 10_000:
         raise InvalidInput(f"chunk frames must be within 1..10000, got {req.chunk_frames}")
-    if req.avatar not in BUILTIN_AVATARS:
-        with ctx.session() as s:
-            if queries.get_avatar(s, req.avatar) is None:
-                raise InvalidInput(
-                    f"unknown avatar {req.avatar!r}; add it with 'farm avatar add' "
-                    f"(built in: {', '.join(BUILTIN_AVATARS)})"
-                )
-    return webhooks.job_webhook(ctx, req.webhook, req.avatar)
+    with ctx.session() as s:
+        avatar = queries.get_avatar(s, req.avatar)
+    if avatar is None and req.avatar not in BUILTIN_AVATARS:
+        raise InvalidInput(
+            f"unknown avatar {req.avatar!r}; add it with 'farm avatar add' "
+            f"(built in: {', '.join(BUILTIN_AVATARS)})"
+        )
+    own_webhook = avatar.webhook_url if avatar is not None else None
+    webhook_url = webhooks.job_webhook(ctx.settings, req.webhook, own_webhook)
+    return Validated(webhook_url, avatar.renderer if avatar is not None else None)
 
 
 def new_row(
@@ -178,11 +188,9 @@ def renderer_names() -> tuple[str, ...]:
 def submit(ctx: Context, req: JobRequest) -> str:
     """Check the request (once), record the job and queue its first stage. A job the
     broker refused is removed again: it was never accepted."""
-    webhook_url = validate(ctx, req)
+    checked = validate(ctx, req)
     ctx.store.check()  # a missing bucket or bad credentials: refuse now, not after TTS
-    with ctx.session() as s:
-        avatar = queries.get_avatar(s, req.avatar)
-    row = new_row(ctx, req, webhook_url, avatar.renderer if avatar else None)
+    row = new_row(ctx, req, checked.webhook_url, checked.registered_for)
     check_options(row["renderer"], req.options)
     job_id = row["id"]
     if req.audio_wav is not None:

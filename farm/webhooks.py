@@ -347,16 +347,11 @@ def enqueue_event(
     return delivery.id
 
 
-def job_webhook(ctx: Context, explicit: str | None, avatar: str) -> str | None:
-    """The URL a new job notifies (--webhook, else the avatar's, else FARM_WEBHOOK_URL),
+def job_webhook(settings: Settings, explicit: str | None, avatar_webhook: str | None) -> str | None:
+    """The URL a new job notifies (--webhook, else its avatar's, else FARM_WEBHOOK_URL),
     checked now so a bad one is refused before the job exists."""
-    url = explicit
-    if not url:
-        with ctx.session() as s:
-            row = queries.get_avatar(s, avatar)
-            url = row.webhook_url if row is not None else None
-    url = url or ctx.settings.webhook_url
-    return check_target(url, ctx.settings) if url else None
+    url = explicit or avatar_webhook or settings.webhook_url
+    return check_target(url, settings) if url else None
 
 
 # --- delivery ---------------------------------------------------------------
