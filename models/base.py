@@ -63,7 +63,9 @@ class Speech:
 class Plan:
     """The motion of a whole job, computed once, sequentially, by the plan stage: one
     row per frame, one column per channel. The portrait renderer's channels are
-    CHANNELS; another backend names its own (Ditto: the driving keypoints)."""
+    CHANNELS; another backend names its own (Ditto: the driving keypoints). `arrays`
+    holds what is not one row per frame (GaussianTalker: the audio features at 50 Hz,
+    cut into each frame's window at render)."""
 
     fps: int
     width: int
@@ -71,6 +73,7 @@ class Plan:
     seed: int
     track: np.ndarray  # float32, (frame_count, len(channels))
     channels: tuple[str, ...] = CHANNELS
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def frame_count(self) -> int:
@@ -86,6 +89,7 @@ class Plan:
             track=self.track.astype(np.float32),
             meta=np.array([self.fps, self.width, self.height, self.seed], dtype=np.int64),
             channels=np.array(self.channels),
+            **{f"array_{k}": v for k, v in self.arrays.items()},
         )
         return buf.getvalue()
 
@@ -96,7 +100,8 @@ class Plan:
             if z["track"].ndim != 2 or z["track"].shape[1] != len(channels):
                 raise ValueError("plan track and channel names disagree")
             fps, width, height, seed = (int(v) for v in z["meta"])
-            return cls(fps, width, height, seed, z["track"], channels)
+            arrays = {k.removeprefix("array_"): z[k] for k in z.files if k.startswith("array_")}
+            return cls(fps, width, height, seed, z["track"], channels, arrays)
 
 
 @dataclass(frozen=True)

@@ -282,14 +282,20 @@ def _check_done_once(
     stored = sorted(p.name for p in (home / "artifacts" / "jobs" / job_id / "chunks").iterdir())
     assert len(stored) == job.chunks_total
 
-    # The final transition happened once: one job.succeeded event, sent once.
-    deliveries = _rows(
-        url,
-        "SELECT event_type, state, attempts FROM webhook_deliveries WHERE job_id = :j",
-        j=job_id,
-    )
-    assert [(d.event_type, d.state) for d in deliveries] == [("job.succeeded", "delivered")]
+    # The final transition happened once: one job.succeeded event, sent once. The job
+    # reads succeeded a moment before its webhook task has delivered and recorded it.
     got = receiver.wait_for(1, timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        deliveries = _rows(
+            url,
+            "SELECT event_type, state, attempts FROM webhook_deliveries WHERE job_id = :j",
+            j=job_id,
+        )
+        if any(d.state != "pending" for d in deliveries) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [(d.event_type, d.state) for d in deliveries] == [("job.succeeded", "delivered")]
     time.sleep(1)  # a second delivery, were there one, would have arrived by now
     assert len(receiver.received) == 1 and got[0].payload["type"] == "job.succeeded"
     assert set(job.timings) >= {"plan", "mux", "total"}
