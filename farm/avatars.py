@@ -110,14 +110,17 @@ def register(
 def add(
     ctx: Context,
     name: str,
-    photo: Path,
+    photo: Path | None,
     timeout: float,
     webhook: str | None,
     renderer: str | None = None,
+    model: Path | None = None,
+    data: Path | None = None,
 ) -> str:
     """`farm avatar add`: everything checked before the (slow) registration; the
     avatar's default webhook recorded after it. Its jobs render with `renderer` (the
-    backend: None is the configured one). Returns the artifact key."""
+    backend: None is the configured one). A photo, or for gaussiantalker a trained
+    model directory (and its training data directory). Returns the artifact key."""
     from farm import jobs, webhooks
 
     jobs.check_avatar_name(name)
@@ -125,13 +128,48 @@ def add(
         raise InvalidInput(
             f"unknown backend {renderer!r}; choose one of {', '.join(jobs.renderer_names())}"
         )
+    if (photo is None) == (model is None):
+        raise InvalidInput("give exactly one of --photo FILE or --model DIR")
+    if model is not None and renderer not in (None, "gaussiantalker"):
+        raise InvalidInput(f"--model is a trained gaussiantalker model; --backend {renderer}")
+    if data is not None and model is None:
+        raise InvalidInput("--data goes with --model (the model's training data directory)")
     if webhook:
         webhooks.check_target(webhook, ctx.settings)
-    key = register(ctx, name, read_photo(photo, ctx.settings), timeout, renderer)
+    if model is not None:
+        source, renderer = pack_model(model, data), "gaussiantalker"
+    else:
+        assert photo is not None
+        source = read_photo(photo, ctx.settings)
+    key = register(ctx, name, source, timeout, renderer)
     if webhook:
         with ctx.session() as s:
             queries.set_avatar_webhook(s, name, webhook)
     return key
+
+
+def pack_model(model: Path, data: Path | None) -> bytes:
+    """A trained GaussianTalker model and its data, checked and packed by a child
+    process (models/gaussiantalker/archive.py: this one never imports torch). Every
+    problem of the layout is refused here, before anything is stored."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if not model.is_dir():
+        raise InvalidInput(f"no such model directory: {model}")
+    with tempfile.TemporaryDirectory(prefix="farm-pack-") as tmp:
+        out = Path(tmp) / "model.tar"
+        argv = [sys.executable, "-m", "models.gaussiantalker.archive"]
+        argv += [str(model), str(data) if data else "-", str(out)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode == 1:
+            lines = proc.stdout.strip().splitlines() or ["the model could not be read"]
+            more = f" (and {len(lines) - 1} more problems)" if len(lines) > 1 else ""
+            raise InvalidInput(f"{lines[0]}{more}")
+        if proc.returncode != 0:
+            raise InvalidInput(f"could not pack {model}: {proc.stderr.strip()[-300:]}")
+        return out.read_bytes()
 
 
 def listing(ctx: Context) -> tuple[list[Avatar], list[str]]:

@@ -240,6 +240,13 @@ def _check_seed(seed: int | None) -> None:
     help="ditto: diffusion (DDIM) steps; fewer is faster [default: the checkpoint's, 50].",
 )
 @click.option(
+    "--eyes",
+    type=click.Choice(["natural", "still"]),
+    default=None,
+    help="gaussiantalker: natural (the irises move: fixations and saccades) or still "
+    "[default: natural].",
+)
+@click.option(
     "--emotion",
     default=None,
     metavar="NAME",
@@ -273,6 +280,7 @@ def submit(
     seed: int | None,
     renderer: str | None,
     ditto_steps: int | None,
+    eyes: str | None,
     emotion: str | None,
     wait: bool,
     output: Path | None,
@@ -316,7 +324,7 @@ def submit(
         seed=seed,
         webhook=webhook,
         renderer=renderer,
-        options=jobs.ditto_options(ditto_steps, emotion),
+        options=jobs.renderer_options(ditto_steps, emotion, eyes),
     )
     ctx = make_context()
     job_id = jobs.submit(ctx, request)
@@ -538,9 +546,21 @@ def avatar() -> None:
 @click.argument("name")
 @click.option(
     "--photo",
-    required=True,
+    default=None,
     type=click.Path(path_type=Path),
     help="A photo with one clearly visible face.",
+)
+@click.option(
+    "--model",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="gaussiantalker: the trained model directory (cfg_args, point_cloud/) instead of a photo.",
+)
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="gaussiantalker: the training data directory [default: source_path in cfg_args].",
 )
 @click.option(
     "--timeout",
@@ -560,16 +580,23 @@ def avatar() -> None:
     default=None,
     metavar="RENDERER",
     help="The renderer this avatar is prepared for and its jobs render with: portrait, "
-    "ditto [default: env FARM_RENDERER].",
+    "ditto, gaussiantalker (with --model) [default: env FARM_RENDERER].",
 )
 @fail_cleanly
 def avatar_add(
-    name: str, photo: Path, timeout: float, webhook: str | None, backend: str | None
+    name: str,
+    photo: Path | None,
+    model: Path | None,
+    data: Path | None,
+    timeout: float,
+    webhook: str | None,
+    backend: str | None,
 ) -> None:
     """Register NAME from a photo: face landmarks and caches, done by a worker."""
     from farm import avatars
 
-    key = avatars.add(make_context(), name, photo, timeout, webhook, backend)
+    ctx = make_context()
+    key = avatars.add(ctx, name, photo, timeout, webhook, backend, model, data)
     click.echo(f"added avatar {name} ({key})")
 
 

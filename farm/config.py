@@ -43,6 +43,10 @@ class Settings:
     ditto_dir: str = ""  # Ditto's checkpoint root; empty: model_dir/ditto
     ditto_steps: int = 0  # LMDM's DDIM steps; 0: the checkpoint config's (upstream: 50)
     ditto_emotion: int = -1  # emotion class 0..7; -1: the config's (upstream: 4, neutral)
+    # --- the gaussiantalker backend (models/gaussiantalker) ---
+    # the audio feature extractor the user's model was trained with: a local directory
+    # of transformers files (wav2vec2 XLSR esperanto for 44-wide features, HuBERT 1024)
+    gaussiantalker_audio_model: str = ""
     device: str = "auto"  # auto | cpu | cuda
     video_encoder: str = "auto"  # auto | libx264 | h264_nvenc: see farm/encoders.py
     fps: int = 25
@@ -176,10 +180,12 @@ class Settings:
             return Path(self.ditto_dir) if self.ditto_dir else self.model_dir / "ditto"
         return self.model_dir
 
-    def renderer_options(self, name: str) -> tuple[tuple[str, int], ...]:
+    def renderer_options(self, name: str) -> tuple[tuple[str, Any], ...]:
         """A renderer's own options, as its constructor takes them."""
         if name == "ditto":
             return (("steps", self.ditto_steps), ("emotion", self.ditto_emotion))
+        if name == "gaussiantalker":
+            return (("audio_model", self.gaussiantalker_audio_model),)
         return ()
 
     def describe(self) -> dict[str, str]:

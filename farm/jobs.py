@@ -142,8 +142,11 @@ def new_row(
     )
 
 
-def ditto_options(steps: int | None, emotion: str | None) -> dict[str, int] | None:
-    """`submit --ditto-steps N --emotion NAME` as the job's options (None: neither)."""
+def renderer_options(
+    steps: int | None, emotion: str | None, eyes: str | None = None
+) -> dict[str, int] | None:
+    """`submit --ditto-steps N --emotion NAME --eyes natural|still` as the job's
+    options (None: none given)."""
     from models.registry import DITTO_EMOTIONS
 
     options: dict[str, int] = {}
@@ -156,6 +159,8 @@ def ditto_options(steps: int | None, emotion: str | None) -> dict[str, int] | No
                 f"unknown emotion {emotion[:40]!r}; choose one of {', '.join(DITTO_EMOTIONS)}"
             )
         options["emotion"] = DITTO_EMOTIONS.index(name)
+    if eyes is not None:
+        options["eyes"] = 1 if eyes == "natural" else 0
     return options or None
 
 
@@ -167,7 +172,7 @@ def check_options(renderer: str, options: dict[str, int] | None) -> None:
     for name, value in (options or {}).items():
         if name not in allowed:
             flag = "--ditto-steps" if name == "steps" else f"--{name}"
-            raise InvalidInput(f"{flag} is a ditto option; this job renders with {renderer}")
+            raise InvalidInput(f"{flag} does not apply to the {renderer} renderer")
         low, high = allowed[name]
         if not low <= value <= high:
             raise InvalidInput(f"{renderer} {name} must be within {low}..{high}, got {value}")

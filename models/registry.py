@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from farm.errors import InvalidInput, MissingDependency
 
@@ -18,15 +18,21 @@ RENDERERS: dict[str, tuple[str, str, bool]] = {
     "portrait": ("models.portrait:PortraitRenderer", "farm", True),
     "null": ("models.null:NullRenderer", "farm", False),  # no work: scheduling tests, overhead
     "ditto": ("models.ditto.renderer:DittoRenderer", "farm[ditto]", True),
+    "gaussiantalker": (
+        "models.gaussiantalker.renderer:GaussianTalkerRenderer",
+        "farm[gaussiantalker]",
+        True,
+    ),
 }
 # Per-job options a backend takes, with their ranges (`farm submit --ditto-steps`).
 RENDERER_OPTIONS: dict[str, dict[str, tuple[int, int]]] = {
     "ditto": {"steps": (1, 1000), "emotion": (0, 7)},
+    "gaussiantalker": {"eyes": (0, 1)},  # 1 natural (living eyes), 0 still
 }
 # Ditto's emotion classes, by their index in its condition (upstream's order).
 DITTO_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise", "contempt")
 # Backends whose plan stage needs the GPU, so it runs on the render queue.
-PLANS_ON_RENDER: frozenset[str] = frozenset({"ditto"})
+PLANS_ON_RENDER: frozenset[str] = frozenset({"ditto", "gaussiantalker"})
 
 
 @cache
@@ -36,7 +42,7 @@ def get_renderer(
     device: str,
     batch: int,
     threads: int,
-    options: tuple[tuple[str, int], ...] = (),
+    options: tuple[tuple[str, Any], ...] = (),
 ) -> Renderer:
     """One loaded renderer per process and configuration; models stay warm.
     `options`: the renderer's own settings, passed to its constructor."""

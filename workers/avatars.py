@@ -84,9 +84,26 @@ def register_avatar(
         buf = io.BytesIO()
         Image.fromarray(photo).save(buf, format="PNG")
         ctx.store.put_bytes(source_key, buf.getvalue())
+    elif hasattr(renderer, "prepare_avatar_from_source"):
+        # A backend whose avatar is a trained model, not a photo (gaussiantalker).
+        artifact = renderer.prepare_avatar_from_source(ctx.store.get_bytes(source_key))
+        width, height = artifact.photo_size
+        return _record(ctx, name, renderer_name, artifact, source_key, (width, height))
     else:
         photo = _read_photo(ctx, source_key)
     artifact = renderer.prepare_avatar(photo)
+    return _record(ctx, name, renderer_name, artifact, source_key, photo.shape[1::-1])
+
+
+def _record(
+    ctx: Context,
+    name: str,
+    renderer_name: str,
+    artifact: AvatarArtifact,
+    source_key: str,
+    size: tuple[int, int],
+) -> tuple[str, str]:
+    """The artifact into the store and the avatar's row; (artifact key, renderer)."""
     key = avatar_key(name, f"{renderer_name}-{int(time.time() * 1000)}.npz")
     ctx.store.put_bytes(key, artifact.to_bytes())
     try:
@@ -97,8 +114,8 @@ def register_avatar(
                 renderer=renderer_name,
                 artifact_key=key,
                 source_key=source_key,
-                width=photo.shape[1],
-                height=photo.shape[0],
+                width=int(size[0]),
+                height=int(size[1]),
             )
     except IntegrityError:
         # Two workers registered the same built-in avatar at once: keep the first.

@@ -102,16 +102,16 @@ def test_a_ditto_job_plans_on_the_render_queue(db_ctx: Context):
 def test_renderer_options_are_kept_for_their_backend_and_refused_elsewhere(db_ctx: Context):
     from farm.errors import InvalidInput
 
-    options = jobs.ditto_options(12, "Sad")
+    options = jobs.renderer_options(12, "Sad")
     assert options == {"steps": 12, "emotion": 5}
     job_id = jobs.submit(db_ctx, request(renderer="ditto", options=options))
     assert job(db_ctx, job_id).options == {"steps": 12, "emotion": 5}
     assert job(db_ctx, jobs.submit(db_ctx, request())).options is None
-    with pytest.raises(InvalidInput, match="--ditto-steps is a ditto option"):
+    with pytest.raises(InvalidInput, match="--ditto-steps does not apply to the null renderer"):
         jobs.submit(db_ctx, request(options={"steps": 3}))  # a null-renderer job
     with pytest.raises(InvalidInput, match="emotion must be within 0..7"):
         jobs.submit(db_ctx, request(renderer="ditto", options={"emotion": 9}))
     with pytest.raises(InvalidInput, match="unknown emotion 'gleeful'"):
-        jobs.ditto_options(None, "gleeful")
+        jobs.renderer_options(None, "gleeful")
     with db_ctx.session() as s:
         assert len(queries.list_jobs(s, 10, None)) == 2  # nothing refused was recorded
