@@ -82,6 +82,19 @@ def farm_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "farm", *args]
 
 
+def run_farm(
+    *args: str,
+    env: dict[str, str],
+    stdin: bytes | str | None = None,
+    timeout: float = 600,
+    text: bool = False,
+) -> subprocess.CompletedProcess:
+    """`python -m farm ARGS` as a user runs it, in this environment."""
+    return subprocess.run(
+        farm_argv(*args), input=stdin, env=env, capture_output=True, text=text, timeout=timeout
+    )
+
+
 def scheduling_env(tmp_path: Path, broker_url: str, database_url: str, **extra: str) -> dict:
     """Environment of farm processes for a test about scheduling, not rendering: the
     null renderer, real services, the local store under tmp_path (unless `extra`

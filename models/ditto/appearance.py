@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from farm.errors import PermanentError
-
-from .weights import count_indexed, load_strict, tensor_shape
+from models.weights import count_indexed, load_strict, tensor_shape
 
 
 class SameBlock2d(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import load_strict, tensor_shape
+from models.weights import load_strict, tensor_shape
 
 NAME = "decoder"
 

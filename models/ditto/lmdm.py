@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from farm.errors import PermanentError
-
-from .weights import load_strict, tensor_shape
+from models.weights import load_strict, tensor_shape
 
 NAME = "LMDM"
 

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from farm.errors import PermanentError
-
-from .weights import count_indexed, load_strict, tensor_shape
+from models.weights import count_indexed, load_strict, tensor_shape
 
 # Head names in the order upstream's network returns them.
 OUTPUTS = ("pitch", "yaw", "roll", "t", "exp", "scale", "kp")

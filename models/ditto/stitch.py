@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from farm.errors import PermanentError
+from models.weights import load_strict, tensor_shape
 
 from . import keypoints
-from .weights import load_strict, tensor_shape
 
 CHECKPOINT_ENTRY = "retarget_shoulder"
 PREFIX = "module."

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from farm.errors import PermanentError
+from models.weights import load_strict, tensor_shape
 
 from .grid import grid_sample_3d
-from .weights import load_strict, tensor_shape
 
 NAME = "warping network"
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from farm.errors import PermanentError
+from models.weights import count_indexed, load_strict, tensor_shape
 
 from .deform_parts import (
     AUDIO_CODE,
@@ -250,13 +251,15 @@ class Deformation(nn.Module):
         """The sizes of a ``deformation.pth`` state dict, read from its shapes. The head
         count is not in the shapes: it is ``n_head`` in the model's ``cfg_args``."""
         grid = NET + "tri_plane.grid.grids."
-        audio_in = _shape(state_dict, NET + "audio_net.encoder_conv.0.weight", 3)[1]
-        xy = _shape(state_dict, grid + "0.0", 4)
-        xz = _shape(state_dict, grid + "0.1", 4)
-        levels = _count(state_dict, grid, ".0")
-        multires = tuple(_shape(state_dict, f"{grid}{i}.0", 4)[-1] // xy[-1] for i in range(levels))
-        d_model = _shape(state_dict, NET + "null_vector", 3)[-1]
-        ffn = _shape(state_dict, NET + "transformer.layers.0.ffn.linear1.weight", 2)
+        audio_in = tensor_shape(state_dict, NET + "audio_net.encoder_conv.0.weight", 3, NAME)[1]
+        xy = tensor_shape(state_dict, grid + "0.0", 4, NAME)
+        xz = tensor_shape(state_dict, grid + "0.1", 4, NAME)
+        levels = count_indexed(state_dict, grid, ".0")
+        multires = tuple(
+            tensor_shape(state_dict, f"{grid}{i}.0", 4, NAME)[-1] // xy[-1] for i in range(levels)
+        )
+        d_model = tensor_shape(state_dict, NET + "null_vector", 3, NAME)[-1]
+        ffn = tensor_shape(state_dict, NET + "transformer.layers.0.ffn.linear1.weight", 2, NAME)
         values = dict(
             audio_in=audio_in,
             grid_channels=xy[1],
@@ -265,12 +268,14 @@ class Deformation(nn.Module):
             d_model=d_model,
             n_head=n_head,
             ffn_hidden=ffn[0],
-            n_layer=_count(state_dict, NET + "transformer.layers.", ".norm1.gamma"),
-            net_width=_shape(state_dict, NET + "pos_deform.1.weight", 2)[0],
-            defor_depth=_count(state_dict, NET + "tri_plane.feature_out.", ".weight", step=2),
-            posebase_pe=_shape(state_dict, "pos_poc", 1)[0],
-            scale_rotation_pe=_shape(state_dict, "rotation_scaling_poc", 1)[0],
-            opacity_pe=_shape(state_dict, "opacity_poc", 1)[0],
+            n_layer=count_indexed(state_dict, NET + "transformer.layers.", ".norm1.gamma"),
+            net_width=tensor_shape(state_dict, NET + "pos_deform.1.weight", 2, NAME)[0],
+            defor_depth=count_indexed(
+                state_dict, NET + "tri_plane.feature_out.", ".weight", step=2
+            ),
+            posebase_pe=tensor_shape(state_dict, "pos_poc", 1, NAME)[0],
+            scale_rotation_pe=tensor_shape(state_dict, "rotation_scaling_poc", 1, NAME)[0],
+            opacity_pe=tensor_shape(state_dict, "opacity_poc", 1, NAME)[0],
         )
         try:
             return Config(**values)
@@ -286,7 +291,7 @@ class Deformation(nn.Module):
         if not isinstance(state_dict, Mapping):
             raise PermanentError(f"{NAME}: expected a state dict, got {type(state_dict).__name__}")
         module = cls(cls.config_from_state_dict(state_dict, n_head=n_head))
-        _load_strict(module, state_dict)
+        load_strict(module, state_dict, NAME)
         return module.eval()
 
 
@@ -299,47 +304,3 @@ def audio_window(features: torch.Tensor, index: int) -> torch.Tensor:
     if lo < hi:
         out[lo - (index - half) : hi - (index - half)] = features[lo:hi]
     return out
-
-
-def _fmt(shape: torch.Size | tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(n) for n in shape) + "]"
-
-
-def _shape(state_dict: Mapping[str, object], key: str, ndim: int) -> torch.Size:
-    """The shape of ``state_dict[key]``, a tensor of ``ndim`` dimensions, or PermanentError."""
-    found = state_dict.get(key)
-    if not isinstance(found, torch.Tensor):
-        raise PermanentError(f"{NAME}: missing key {key} (needed to infer the sizes)")
-    if found.ndim != ndim:
-        raise PermanentError(
-            f"{NAME}: wrong shape for {key}: expected {ndim} dimensions, found {_fmt(found.shape)}"
-        )
-    return found.shape
-
-
-def _count(state_dict: Mapping[str, object], prefix: str, suffix: str, step: int = 1) -> int:
-    """How many i = 0, step, 2*step, ... in a row have ``f"{prefix}{i}{suffix}"``."""
-    n = 0
-    while f"{prefix}{n * step}{suffix}" in state_dict:
-        n += 1
-    return n
-
-
-def _load_strict(module: nn.Module, state_dict: Mapping[str, object]) -> None:
-    """Load only if every key and shape matches; else PermanentError naming the first of
-    the module's keys that is missing or misshapen, or the first unexpected key."""
-    expected = module.state_dict()
-    for key, tensor in expected.items():
-        found = state_dict.get(key)
-        if found is None:
-            raise PermanentError(f"{NAME}: missing key {key} (expected shape {_fmt(tensor.shape)})")
-        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
-            what = _fmt(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
-            raise PermanentError(
-                f"{NAME}: wrong shape for {key}: expected {_fmt(tensor.shape)}, found {what}"
-            )
-    for key, found in state_dict.items():
-        if key not in expected:
-            shape = _fmt(found.shape) if isinstance(found, torch.Tensor) else "none"
-            raise PermanentError(f"{NAME}: unexpected key {key} (found shape {shape})")
-    module.load_state_dict(dict(state_dict), strict=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from models.tts import synthesize
 from tests.ditto_checkpoints import write_random_checkpoints
 from tests.doubles import ListSink
 from tests.probe import probe
+from tests.services import run_farm
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +132,6 @@ def test_a_letterboxed_size_keeps_the_face_square(renderer, avatar, speech):
     assert out.frames[0, :, :100].max() == 0  # black bars beside the 360 face
 
 
-def farm(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_submit_with_a_ditto_avatar_on_the_embedded_default(ditto_dir, tmp_path):
     """`farm avatar add roman --backend ditto` then `farm submit --avatar roman --wait`
     with FARM_DITTO_DIR: an MP4 with the planned frame count and the audio's length."""
@@ -160,16 +149,26 @@ def test_submit_with_a_ditto_avatar_on_the_embedded_default(ditto_dir, tmp_path)
         "FARM_RENDER_THREADS": "1",
     }
     try:
-        added = farm("avatar", "add", "roman", "--backend", "ditto", "--photo", str(photo), env=env)
+        added = run_farm(
+            "avatar",
+            "add",
+            "roman",
+            "--backend",
+            "ditto",
+            "--photo",
+            str(photo),
+            env=env,
+            text=True,
+        )
         assert added.returncode == 0, added.stderr
         out = tmp_path / "roman.mp4"
-        done = farm(
+        done = run_farm(
             "submit", str(script), "--avatar", "roman", "--voice", "espeak", "--wait",
-            "--ditto-steps", "3", "--emotion", "Happy", "--output", str(out), env=env,
+            "--ditto-steps", "3", "--emotion", "Happy", "--output", str(out), env=env, text=True,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         job_id = done.stdout.split()[0]
-        status = farm("status", job_id, env=env)
+        status = run_farm("status", job_id, env=env, text=True)
         assert status.returncode == 0 and "state     succeeded" in status.stdout
         assert "renderer ditto" in status.stdout  # the avatar's backend, not the default
         video = probe(out)
@@ -179,14 +178,16 @@ def test_submit_with_a_ditto_avatar_on_the_embedded_default(ditto_dir, tmp_path)
         assert video.video_seconds == pytest.approx(frames / 25, abs=0.05)
         assert video.audio_seconds == pytest.approx(frames / 25, abs=0.1)
     finally:
-        farm("stop", env=env, timeout=120)
+        run_farm("stop", env=env, timeout=120, text=True)
 
 
 def test_models_check_loads_every_file_and_names_a_broken_one(ditto_dir, tmp_path):
     import shutil
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    good = farm("models", "check", "ditto", env=env | {"FARM_DITTO_DIR": str(ditto_dir)})
+    good = run_farm(
+        "models", "check", "ditto", env=env | {"FARM_DITTO_DIR": str(ditto_dir)}, text=True
+    )
     assert good.returncode == 0, good.stderr
     assert "every Ditto checkpoint file is present and loads" in good.stdout
 
@@ -195,12 +196,14 @@ def test_models_check_loads_every_file_and_names_a_broken_one(ditto_dir, tmp_pat
     decoder = broken / "ditto_pytorch" / "models" / "decoder.pth"
     decoder.write_bytes(decoder.read_bytes()[:1000])  # a download cut short
     (broken / "ditto_pytorch" / "aux_models" / "2d106det.onnx").unlink()
-    bad = farm("models", "check", "ditto", env=env | {"FARM_DITTO_DIR": str(broken)})
+    bad = run_farm("models", "check", "ditto", env=env | {"FARM_DITTO_DIR": str(broken)}, text=True)
     assert bad.returncode == 1
     assert "decoder.pth" in bad.stdout and "2d106det.onnx: missing" in bad.stdout
     assert bad.stderr.strip().startswith("farm: error: ditto checkpoints at")
 
-    doctor = farm("doctor", env=env | {"FARM_DITTO_DIR": str(broken), "FARM_HOME": str(tmp_path)})
+    doctor = run_farm(
+        "doctor", env=env | {"FARM_DITTO_DIR": str(broken), "FARM_HOME": str(tmp_path)}, text=True
+    )
     line = next(ln for ln in doctor.stdout.splitlines() if "ditto checkpoints" in ln)
     assert "missing ditto_pytorch/aux_models/2d106det.onnx" in line and doctor.returncode == 1
 
@@ -216,7 +219,7 @@ def test_bench_reports_ditto_plan_render_and_memory(ditto_dir, tmp_path):
     env |= {"FARM_DITTO_DIR": str(ditto_dir), "FARM_HOME": str(tmp_path / "home")}
     figures = tmp_path / "ditto.json"
     args = ["bench", "--renderer", "ditto", "--script", str(script), "--runs", "1"]
-    out = farm(*args, "--frames", "2", "--json", str(figures), env=env)
+    out = run_farm(*args, "--frames", "2", "--json", str(figures), env=env, text=True)
     assert out.returncode == 0, out.stderr
     assert "s per second of audio" in out.stdout and "fps  512 face" in out.stdout
     assert "1280x720 photo" in out.stdout and "peak RSS" in out.stdout

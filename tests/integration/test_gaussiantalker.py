@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,8 @@ from models.gaussiantalker.renderer import CHANNELS, GaussianTalkerRenderer  # n
 from models.tts import synthesize  # noqa: E402
 from tests.doubles import ListSink  # noqa: E402
 from tests.gaussiantalker_fixture import write_synthetic_model, write_tiny_wav2vec2  # noqa: E402
-from tests.probe import probe  # noqa: E402
+from tests.probe import probe
+from tests.services import run_farm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +94,6 @@ def test_a_frame_is_the_same_inside_a_chunk_and_alone(renderer, avatar, speech):
     assert chunk.frames.std() > 0
 
 
-def farm(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "farm", *args], env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
 def test_registration_refuses_a_broken_layout_in_one_line(model, tmp_path):
     import shutil
 
@@ -111,7 +103,7 @@ def test_registration_refuses_a_broken_layout_in_one_line(model, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
     env["FARM_HOME"] = str(tmp_path / "home")
     args = ["avatar", "add", "roman", "--backend", "gaussiantalker"]
-    out = farm(*args, "--model", str(model[0]), "--data", str(data), env=env)
+    out = run_farm(*args, "--model", str(model[0]), "--data", str(data), env=env, text=True)
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("farm: error:") and "1.png" in line
@@ -128,19 +120,21 @@ def test_submit_with_a_gaussiantalker_avatar_on_the_embedded_default(model, extr
     }
     try:
         args = ["avatar", "add", "synthetic", "--backend", "gaussiantalker"]
-        added = farm(*args, "--model", str(model[0]), "--data", str(model[1]), env=env)
+        added = run_farm(
+            *args, "--model", str(model[0]), "--data", str(model[1]), env=env, text=True
+        )
         assert added.returncode == 0, added.stderr
         out = tmp_path / "synthetic.mp4"
-        done = farm(
+        done = run_farm(
             "submit", str(script), "--avatar", "synthetic", "--voice", "espeak", "--size",
-            "photo", "--wait", "--output", str(out), env=env,
+            "photo", "--wait", "--output", str(out), env=env, text=True,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        status = farm("status", done.stdout.split()[0], env=env)
+        status = run_farm("status", done.stdout.split()[0], env=env, text=True)
         assert "renderer gaussiantalker" in status.stdout and "succeeded" in status.stdout
         frames = int(status.stdout.split("frames ")[1].split()[0])
         video = probe(out)
         assert video.frame_count == frames > 0 and (video.width, video.height) == (64, 64)
         assert video.video_seconds == pytest.approx(frames / 25, abs=0.05)
     finally:
-        farm("stop", env=env, timeout=120)
+        run_farm("stop", env=env, timeout=120, text=True)

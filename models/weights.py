@@ -1,6 +1,7 @@
-"""Loading a Ditto network's weights strictly, one way for all six: every key and shape
-of farm's module must be in the file and nothing else, and a checkpoint that is not
-gets one line naming the network, the first bad key and both shapes. Widths are read
+"""Loading a network's weights strictly, one way for every backend's networks (Ditto's
+six, GaussianTalker's deformation): every key and shape of farm's module must be in
+the file and nothing else, and a checkpoint that is not gets one line naming the
+network, the first bad key and both shapes. Widths are read
 from a few tensors' shapes (`tensor_shape`, `count_indexed`) before the module is
 built, so reduced-width files (the tests') load by the same code as the real ones."""
 
@@ -70,9 +71,9 @@ def tensor_shape(state_dict: Mapping[str, object], key: str, ndim: int, what: st
     return found.shape
 
 
-def count_indexed(state_dict: Mapping[str, object], prefix: str, suffix: str) -> int:
-    """How many consecutive i from 0 have `f"{prefix}{i}{suffix}"` in the state dict."""
+def count_indexed(state_dict: Mapping[str, object], prefix: str, suffix: str, step: int = 1) -> int:
+    """How many i = 0, step, 2*step, ... in a row have `f"{prefix}{i}{suffix}"`."""
     n = 0
-    while f"{prefix}{n}{suffix}" in state_dict:
+    while f"{prefix}{n * step}{suffix}" in state_dict:
         n += 1
     return n
