@@ -36,13 +36,12 @@ def stage_figures(
     threads: str,
     device: str,
     batch: str = "16",
-    renderer: tuple[str, Path] | None = None,
+    backend: list[str] | None = None,
     frames: int | None = None,
 ) -> dict:
     """Runs farm/bench_stages.py in a child process so this one never imports torch.
-    `renderer`: ("ditto", its checkpoint root) for that backend's figures instead."""
-    extra = [] if renderer is None else ["--renderer", renderer[0], "--ditto-dir", str(renderer[1])]
-    extra += [] if frames is None else ["--frames", str(frames)]
+    `backend`: its arguments for a neural backend's figures instead (--renderer ...)."""
+    extra = list(backend or []) + ([] if frames is None else ["--frames", str(frames)])
     proc = subprocess.run(
         [
             sys.executable,
@@ -108,10 +107,10 @@ def _run_job(ctx: Context, req: jobs.JobRequest, timeout: float = 600) -> Job:
     raise FarmError(f"benchmark job {job_id} did not finish in {timeout:.0f} s")
 
 
-def format_ditto(stages: dict) -> str:
-    """`farm bench --renderer ditto`: one line per figure."""
-    row = stages["ditto"]
-    lines = [f"Ditto on {row['device']} (batch {row['batch']}, {row['frames']} frames)"]
+def format_backend(stages: dict) -> str:
+    """`farm bench --renderer ditto|gaussiantalker`: one line per figure."""
+    row = stages["backend"]
+    lines = [f"{row['renderer']} on {row['device']} (batch {row['batch']}, {row['frames']} frames)"]
     lines.append(f"  plan      {row['plan_seconds_per_audio_second']:.3f} s per second of audio")
     for key, value in row.items():
         if key.startswith("render_fps"):

@@ -238,46 +238,79 @@ def _driver_version() -> str:
     return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout else "?"
 
 
-def bench_ditto(
-    speech: Speech, root: Path, device: str, frames: int, runs: int, batch: int
+def bench_backend(
+    renderer: Any,
+    cases: list[tuple[str, Any, tuple[int, int]]],
+    speech: Speech,
+    frames: int,
+    runs: int,
+    batch: int,
 ) -> dict[str, Any]:
-    """The ditto backend with the checkpoints under `root`: plan seconds per second of
-    audio (HuBERT, LMDM, stitching), render fps of the 512 face crop and of a 1280x720
-    whole photo (warp, decoder, paste-back, to host frames), and peak memory."""
+    """A neural backend's figures: plan seconds per second of audio, render fps of each
+    case (label, avatar, output size) to host frames, peak GPU memory on CUDA."""
     import torch
 
-    from models.ditto.renderer import DittoRenderer
-    from models.portrait import demo_photo
     from models.tts import Speech as Audio
 
     seconds, phones, samples, rate = speech
-    renderer = DittoRenderer(batch_size=batch)
-    renderer.load(root, device)
     audio = Audio(samples=samples, sample_rate=rate, phones=phones)
-    out: dict[str, Any] = {"device": str(renderer.device), "batch": batch, "frames": frames}
-    for mode, photo in (("512 face", demo_photo()), ("1280x720 photo", bench_photo((1280, 720)))):
-        avatar = renderer.prepare_avatar(photo)
-        size = (512, 512) if mode == "512 face" else avatar.photo_size
+    out: dict[str, Any] = {
+        "renderer": renderer.name,
+        "device": str(renderer.device),
+        "batch": batch,
+        "frames": frames,
+    }
+
+    class Keep:
+        def write(self, batch_frames: np.ndarray) -> None:
+            pass
+
+    for label, avatar, size in cases:
         plan_s, plan = _median_time(
             lambda a=avatar, s=size: renderer.plan(a, seconds, phones, FPS, s, 1, audio), runs
         )
         out.setdefault("plan_seconds_per_audio_second", plan_s / seconds)
         n = min(frames, plan.frame_count)
-
-        class Keep:
-            def write(self, batch_frames: np.ndarray) -> None:
-                pass
-
         renderer.render(avatar, plan, range(0, min(n, batch)), Keep())  # warm up
         if renderer.device.type == "cuda":
             torch.cuda.synchronize()
         render_s, _ = _median_time(
             lambda a=avatar, p=plan, k=n: renderer.render(a, p, range(k), Keep()), runs
         )
-        out[f"render_fps {mode}"] = n / render_s
+        out[f"render_fps {label}"] = n / render_s
     if renderer.device.type == "cuda":
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def ditto_cases(root: Path, device: str, batch: int) -> tuple[Any, list]:
+    """Ditto with the checkpoints under `root`: the 512 face crop of the demo photo, and
+    a 1280x720 photo with the face pasted back."""
+    from models.ditto.renderer import DittoRenderer
+    from models.portrait import demo_photo
+
+    renderer = DittoRenderer(batch_size=batch)
+    renderer.load(root, device)
+    face = renderer.prepare_avatar(demo_photo())
+    photo = renderer.prepare_avatar(bench_photo((1280, 720)))
+    return renderer, [("512 face", face, (512, 512)), ("1280x720 photo", photo, photo.photo_size)]
+
+
+def gaussiantalker_cases(model: Path, data: Path | None, device: str, batch: int) -> tuple:
+    """A trained GaussianTalker model: letterboxed to 512x512, and at its own size."""
+    from farm.config import Settings
+    from models.gaussiantalker.archive import pack
+    from models.gaussiantalker.renderer import GaussianTalkerRenderer
+
+    audio_model = Settings.from_env().gaussiantalker_audio_model
+    renderer = GaussianTalkerRenderer(batch_size=batch, audio_model=audio_model)
+    renderer.load(model, device)
+    with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
+        archive = Path(tmp) / "model.tar"
+        pack(model, data, archive)
+        avatar = renderer.prepare_avatar_from_source(archive.read_bytes())
+    w, h = avatar.photo_size
+    return renderer, [("512 letterboxed", avatar, (512, 512)), (f"{w}x{h} model", avatar, (w, h))]
 
 
 def main() -> None:
@@ -295,17 +328,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", default="16", help="frames per render batch, e.g. 16,64")
     ap.add_argument("--encoder", default="auto", help="FARM_VIDEO_ENCODER for the encodes")
-    ap.add_argument("--renderer", default="portrait", help="portrait, or ditto")
+    ap.add_argument("--renderer", default="portrait", help="portrait, ditto or gaussiantalker")
     ap.add_argument("--ditto-dir", type=Path, default=None, help="Ditto's checkpoint root")
+    ap.add_argument("--model", type=Path, default=None, help="a trained GaussianTalker model")
+    ap.add_argument("--data", type=Path, default=None, help="its training data directory")
     args = ap.parse_args()
     text = args.script.read_text(encoding="utf-8")
-    if args.renderer == "ditto":
+    if args.renderer != "portrait":
         batch = int(args.batch.split(",")[0])
-        row = bench_ditto(
-            job_speech(text), args.ditto_dir, args.device, args.frames, args.runs, batch
-        )
+        if args.renderer == "ditto":
+            renderer, cases = ditto_cases(args.ditto_dir, args.device, batch)
+        else:
+            renderer, cases = gaussiantalker_cases(args.model, args.data, args.device, batch)
+        row = bench_backend(renderer, cases, job_speech(text), args.frames, args.runs, batch)
         row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"machine": machine(args.device, args.encoder), "ditto": row}))
+        print(json.dumps({"machine": machine(args.device, args.encoder), "backend": row}))
         return
     out: dict[str, Any] = {"machine": machine(args.device, args.encoder), "tts": {}, "render": []}
     from farm import encoders

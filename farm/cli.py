@@ -1083,11 +1083,23 @@ def db_upgrade(revision: str) -> None:
 )
 @click.option(
     "--renderer",
-    type=click.Choice(["portrait", "ditto"]),
+    type=click.Choice(["portrait", "ditto", "gaussiantalker"]),
     default="portrait",
     show_default=True,
-    help="ditto: plan s per audio s, render fps (512 face, 1280x720 photo), peak memory, "
-    "with the checkpoints under FARM_DITTO_DIR (no TTS, encode or end-to-end figures).",
+    help="ditto / gaussiantalker: plan s per audio s, render fps, peak memory (ditto: the "
+    "checkpoints under FARM_DITTO_DIR; gaussiantalker: --model); no TTS or e2e figures.",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --renderer gaussiantalker: the trained model directory.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --model: its training data directory [default: from cfg_args].",
 )
 @click.option(
     "--frames",
@@ -1133,6 +1145,8 @@ def bench(
     batch: str,
     e2e: bool,
     renderer: str,
+    model: Path | None,
+    data: Path | None,
     frames: int | None,
     workers: str | None,
     frame_ms: str,
@@ -1161,14 +1175,18 @@ def bench(
         return
 
     script = script or b.DEFAULT_SCRIPT
-    if renderer == "ditto":
-        root = Settings.from_env().renderer_dir("ditto")
-        stages = b.stage_figures(
-            script, runs, sizes, threads, device, batch, ("ditto", root), frames
-        )
-        click.echo(b.format_ditto(stages))
+    if renderer != "portrait":
+        backend = ["--renderer", renderer]
+        if renderer == "ditto":
+            backend += ["--ditto-dir", str(Settings.from_env().renderer_dir("ditto"))]
+        elif model is None:
+            raise InvalidInput("--renderer gaussiantalker needs --model DIR (a trained model)")
+        else:
+            backend += ["--model", str(model)] + (["--data", str(data)] if data else [])
+        stages = b.stage_figures(script, runs, sizes, threads, device, batch, backend, frames)
+        click.echo(b.format_backend(stages))
         if json_out:
-            _write_json(json_out, {"ditto": stages})
+            _write_json(json_out, {"backend": stages})
         return
     stages = b.stage_figures(script, runs, sizes, threads, device, batch, frames=frames)
     e2e_row = None

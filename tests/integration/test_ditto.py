@@ -223,6 +223,6 @@ def test_bench_reports_ditto_plan_render_and_memory(ditto_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "s per second of audio" in out.stdout and "fps  512 face" in out.stdout
     assert "1280x720 photo" in out.stdout and "peak RSS" in out.stdout
-    row = json.loads(figures.read_text())["ditto"]["ditto"]
+    row = json.loads(figures.read_text())["backend"]["backend"]
     assert row["frames"] == 2 and row["plan_seconds_per_audio_second"] > 0
     assert row["render_fps 512 face"] > 0 and row["render_fps 1280x720 photo"] > 0

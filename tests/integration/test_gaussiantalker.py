@@ -138,3 +138,22 @@ def test_submit_with_a_gaussiantalker_avatar_on_the_embedded_default(model, extr
         assert video.video_seconds == pytest.approx(frames / 25, abs=0.05)
     finally:
         run_farm("stop", env=env, timeout=120, text=True)
+
+
+def test_bench_reports_plan_render_and_memory(model, extractor, tmp_path):
+    import json
+
+    script = tmp_path / "bench.txt"
+    script.write_text("A short line to time.", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env |= {"FARM_GAUSSIANTALKER_AUDIO_MODEL": str(extractor), "FARM_HOME": str(tmp_path / "h")}
+    figures = tmp_path / "gt.json"
+    args = ["bench", "--renderer", "gaussiantalker", "--model", str(model[0]), "--data"]
+    args += [str(model[1]), "--script", str(script), "--runs", "1", "--frames", "2"]
+    out = run_farm(*args, "--json", str(figures), env=env, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "gaussiantalker on cpu" in out.stdout and "512 letterboxed" in out.stdout
+    row = json.loads(figures.read_text())["backend"]["backend"]
+    assert row["render_fps 64x64 model"] > 0 and row["plan_seconds_per_audio_second"] > 0
+    refused = run_farm("bench", "--renderer", "gaussiantalker", env=env, text=True)
+    assert refused.returncode == 1 and "needs --model DIR" in refused.stderr
