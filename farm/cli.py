@@ -595,6 +595,9 @@ def avatar_add(
     """Register NAME from a photo: face landmarks and caches, done by a worker."""
     from farm import avatars
 
+    if photo is None and model is None:  # a usage error, as when --photo was required
+        missing = "Missing option '--photo' (or '--model DIR' for a gaussiantalker model)."
+        raise _one_line_usage(click.UsageError(missing, ctx=click.get_current_context()))
     ctx = make_context()
     key = avatars.add(ctx, name, photo, timeout, webhook, backend, model, data)
     click.echo(f"added avatar {name} ({key})")
