@@ -37,14 +37,13 @@ log = logging.getLogger(__name__)
 
 CROP = 512  # the decoder's output: the face crop
 MOTION_FPS = 25  # HuBERT features and LMDM motion run at 25 frames per second
-MAX_SIDE = 1920  # the photo's long side, as upstream keeps it
 SOURCE_KEYS = ("kp", "pitch", "yaw", "roll", "t", "exp", "scale")
 X_D = tuple(f"x_d{i}" for i in range(63))  # the plan's channels: 21 keypoints x 3
 
 
 @dataclass
 class DittoAvatar:
-    photo: np.ndarray  # uint8 [H, W, 3], long side <= MAX_SIDE
+    photo: np.ndarray  # uint8 [H, W, 3], even sides, long side <= 1920 (as upstream)
     m_c2o: np.ndarray  # float64 [3, 3]: crop (512) -> photo
     f_s: np.ndarray  # float16 [32, 16, 64, 64]: the appearance feature volume
     source: dict[str, np.ndarray]  # the motion extractor's output for the photo
@@ -129,8 +128,9 @@ class DittoRenderer:
 
     def prepare_avatar(self, photo: np.ndarray) -> DittoAvatar:
         from models.ditto import crop, eyes
+        from models.portrait.avatar import fit_photo
 
-        photo = _limit_side(photo, MAX_SIDE)
+        photo, _ = fit_photo(photo)  # <= 1920 on the long side, even sides
         faces = self.aux("detector")(photo)
         if len(faces) == 0:
             raise PermanentError("no face found in the photo: use one clear, frontal face")
@@ -373,16 +373,6 @@ def _to_chw256(face: np.ndarray) -> torch.Tensor:
 
     small = cv2.resize(face, (256, 256), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(small.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-
-
-def _limit_side(photo: np.ndarray, limit: int) -> np.ndarray:
-    h, w = photo.shape[:2]
-    if max(h, w) <= limit:
-        return np.ascontiguousarray(photo)
-    import cv2
-
-    k = limit / max(h, w)
-    return cv2.resize(photo, (round(w * k), round(h * k)), interpolation=cv2.INTER_AREA)
 
 
 def _fit(features: np.ndarray, frames: int) -> np.ndarray:

@@ -73,6 +73,7 @@ class GaussianTalkerRenderer:
         self.audio_model = audio_model  # FARM_GAUSSIANTALKER_AUDIO_MODEL
         self.eyes = eyes  # natural | still: the default of jobs that do not say
         self.device = torch.device("cpu")
+        self._extractors: dict[int, Any] = {}  # by feature width, loaded on first use
 
     def load(self, model_dir: Path, device: str = "auto") -> None:
         if device == "auto":
@@ -101,11 +102,10 @@ class GaussianTalkerRenderer:
     def _extractor(self, width: int) -> Any:
         from models.gaussiantalker.audio import extractor_for
 
-        key = ("extractor", width)
-        if key not in self.__dict__.setdefault("_cache", {}):
+        if width not in self._extractors:
             model_dir = Path(self.audio_model) if self.audio_model else None
-            self._cache[key] = extractor_for(width, model_dir, device=self.device.type)
-        return self._cache[key]
+            self._extractors[width] = extractor_for(width, model_dir, device=self.device.type)
+        return self._extractors[width]
 
     # --- plan ----------------------------------------------------------------
 
@@ -164,8 +164,8 @@ class GaussianTalkerRenderer:
         model = avatar.model
         row = plan.track[i]
         source = int(row[0])
-        windows = torch.from_numpy(plan.arrays["audio"]).to(self.device)
-        audio = audio_window(windows, i)[None]
+        # Only this frame's window goes to the device, not the job's.
+        audio = audio_window(torch.from_numpy(plan.arrays["audio"]), i)[None].to(self.device)
         rgb = self._draw(avatar, source, audio, float(row[1]))
         offset = row[2:4]
         if np.any(offset != 0):
@@ -201,7 +201,7 @@ class GaussianTalkerRenderer:
         colors = colors_from_sh(means, out.shs[0], camera)
         image, _ = rasterize(
             means,
-            _wxyz(out.rotations[0]),
+            out.rotations[0],  # (w, x, y, z), as 3DGS stores them and the rasterizer takes
             out.scales[0],
             out.opacity[0].reshape(-1),
             colors,
@@ -255,8 +255,9 @@ class GaussianTalkerRenderer:
 
         key = ("eyes", source)
         if key not in avatar.cache:
-            windows = avatar.model.audio_dim
-            silent = torch.zeros((1, 8, 16 if windows != 1024 else 2, windows), device=self.device)
+            width = avatar.model.audio_dim
+            rows = self._extractor(width).window  # 16 for wav2vec2 logits, 2 for HuBERT
+            silent = torch.zeros((1, 8, rows, width), device=self.device)
             canonical = self._draw(avatar, source, silent, 0.0)
             avatar.cache[key] = detect_eye_regions(canonical)
             if avatar.cache[key] is None:
@@ -292,11 +293,6 @@ def _open_eye(model: Any) -> float:
     """The training video's typical eye input between blinks (its lower quartile)."""
     values = np.array([f.eye for f in model.frames], np.float32)
     return float(np.percentile(values, 25)) if len(values) else 0.0
-
-
-def _wxyz(rotations: torch.Tensor) -> torch.Tensor:
-    """3DGS stores rotations as (w, x, y, z) already: the rasterizer's order."""
-    return rotations
 
 
 def _letterbox(rgb: np.ndarray, size: tuple[int, int], target: tuple[int, int]) -> np.ndarray:

@@ -104,7 +104,7 @@ def prepare_avatar(photo: np.ndarray) -> PortraitAvatar:
     interpolation = cv2.INTER_AREA if side > CROP_SIZE else cv2.INTER_CUBIC
     image = cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=interpolation)
     local = (landmarks - np.array([x0, y0], dtype=np.float32)) * scale
-    full, factor = _fit_photo(photo)
+    full, factor = fit_photo(photo)
     # Whole pixels in the stored photo, so the paste-back needs no resampling of the
     # photo; rounding moves the crop by under half an output pixel, which the feathered
     # border hides.
@@ -112,7 +112,7 @@ def prepare_avatar(photo: np.ndarray) -> PortraitAvatar:
     return PortraitAvatar(image=image, landmarks=local.astype(np.float32), photo=full, crop_box=box)
 
 
-def _fit_photo(photo: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_photo(photo: np.ndarray) -> tuple[np.ndarray, float]:
     """The photo downscaled to at most MAX_PHOTO_SIDE on its long side, then trimmed by
     a pixel where a side is odd (trimming, unlike resizing, keeps pixels unchanged and
     the crop box exact); and the scale factor applied."""

@@ -10,7 +10,7 @@ import pytest
 from farm.errors import PermanentError
 from models.base import CHANNEL_INDEX, CHANNELS, Plan
 from models.portrait import PortraitAvatar, PortraitRenderer, demo_photo
-from models.portrait.avatar import CROP_SIZE, MAX_PHOTO_SIDE, _fit_photo
+from models.portrait.avatar import CROP_SIZE, MAX_PHOTO_SIDE, fit_photo
 from models.portrait.landmarks import LOWER_INNER_LIP, UPPER_INNER_LIP
 from models.portrait.renderer import FEATHER
 from tests.doubles import ListSink
@@ -101,7 +101,7 @@ def test_full_photo_frames_do_not_depend_on_batching(avatar):
 
 def test_large_photos_are_downscaled_to_even_sides():
     photo = np.zeros((2001, 3001, 3), dtype=np.uint8)
-    fitted, factor = _fit_photo(photo)
+    fitted, factor = fit_photo(photo)
     assert max(fitted.shape[:2]) <= MAX_PHOTO_SIDE
     assert fitted.shape[0] % 2 == 0 and fitted.shape[1] % 2 == 0
     assert factor == pytest.approx(MAX_PHOTO_SIDE / 3001)
