@@ -1,11 +1,9 @@
-"""The portrait network outside PyTorch: ONNX export, onnxruntime and TensorRT backends,
-and which path a worker renders on.
+"""The portrait network outside PyTorch: ONNX export, and the onnxruntime and TensorRT
+backends (which path a worker takes, and the engine cache, are models/engines.py's).
 
-Paths, best first: a TensorRT engine (a GPU worker with `farm[tensorrt]` installed),
-PyTorch on CUDA, PyTorch on the CPU. An engine is one avatar at one size: the avatar's
-fields and photo are constants of the graph, so TensorRT can fold and fuse around them.
-It is built on the first render of that avatar and size, then kept on disk under
-FARM_MODEL_DIR/engines, keyed by everything that makes an engine unusable elsewhere.
+An engine is one avatar at one size: the avatar's fields and photo are constants of the
+graph, so TensorRT can fold and fuse around them. It is built on the first render of
+that avatar and size, then kept on disk under FARM_MODEL_DIR/engines.
 Every backend is called like `PortraitNet`: (N, C) float32 track rows in, (N, S, S, 3)
 uint8 frames out.
 """
@@ -13,22 +11,19 @@ uint8 frames out.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import logging
-import os
-import re
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from farm.errors import MissingDependency, PermanentError
+from farm.errors import MissingDependency
+from models import engines
 from models.base import CHANNELS
 
 from .avatar import PortraitAvatar
@@ -44,9 +39,6 @@ log = logging.getLogger(__name__)
 # ONNX parser of TensorRT 10.
 OPSET = 17
 INPUT, OUTPUT = "track", "frames"
-TENSORRT_HINT = "pip install 'farm[tensorrt]'"
-# Set to 0 to keep a GPU worker on PyTorch CUDA although tensorrt is installed.
-TENSORRT_SWITCH = "FARM_TENSORRT"
 # Source files whose code ends up in an engine: any change to them makes old engines stale.
 NETWORK_SOURCES = ("net.py", "render.py", "mouth.py", "eyes.py", "fields.py", "controls.py")
 
@@ -129,13 +121,6 @@ class OnnxBackend:
 # --- TensorRT -----------------------------------------------------------------------
 
 
-def import_tensorrt() -> Any:
-    try:
-        return importlib.import_module("tensorrt")
-    except ImportError as exc:
-        raise MissingDependency(f"the TensorRT path needs tensorrt: {TENSORRT_HINT}") from exc
-
-
 @cache
 def _network_digest() -> str:
     here = Path(__file__).parent
@@ -154,174 +139,38 @@ def avatar_digest(avatar: PortraitAvatar, size: int) -> str:
     return sha.hexdigest()[:16]
 
 
-def engine_name(
-    digest: str, arch: str, trt_version: str, precision: str, batch: int, width: int, height: int
-) -> str:
-    """The cache file of one engine. An engine only runs on the GPU architecture and
-    TensorRT version it was built with, and only up to the batch its profile allows."""
-    parts = {"digest": digest, "arch": arch, "trt_version": trt_version, "precision": precision}
-    for key, value in parts.items():
-        if not re.fullmatch(r"[A-Za-z0-9._]+", value):
-            raise ValueError(f"engine {key} {value!r} is not a plain name")
-    return f"portrait-{digest}-{arch}-trt{trt_version}-{precision}-b{batch}-{width}x{height}.engine"
-
-
-def gpu_arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
-
-
-def cached_engine(path: Path, build: Callable[[], bytes], timeout: float = 3600.0) -> Path:
-    """`path`, built by `build` unless it is there: once per machine even when several
-    workers start together (a lock file beside it), never seen half written (written
-    under a temporary name, then renamed)."""
-    if path.exists():
-        return path
-    from filelock import FileLock  # a dependency of torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock", timeout=timeout):
-        if path.exists():  # another worker built it while this one waited
-            return path
-        data = build()
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            partial.write_bytes(data)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)  # left only when writing failed (a full disk)
-    return path
-
-
-def build_engine(onnx: bytes, batch: int) -> bytes:
-    """A serialised engine for batches of 1 to `batch` rows, optimised for `batch`.
-
-    The network is strongly typed: each tensor keeps the type the export gave it, which
-    is fp16 for the photo, its samples and the compositing (as on PyTorch CUDA) and
-    float32 for positions, whose fp16 rounding would be a visible fraction of a pixel.
-    (TensorRT 11 builds only this way.) A TensorRT before strong typing gets the FP16
-    flag instead and picks precision per layer.
-    """
-    trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if typed is None else 1 << int(typed))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise PermanentError(f"TensorRT cannot parse the portrait network: {errors}")
-    config = builder.create_builder_config()
-    if typed is None and hasattr(trt.BuilderFlag, "FP16"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    channels = len(CHANNELS)
-    profile.set_shape(INPUT, (1, channels), (batch, channels), (batch, channels))
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise PermanentError("TensorRT could not build the portrait engine (see its log)")
-    return bytes(plan)
-
-
 class TensorRTBackend:
-    """A deserialised engine on one CUDA device, run on PyTorch's current stream with
-    PyTorch tensors as its buffers (no other CUDA bindings needed)."""
+    """The portrait engine of one avatar and size, called like `PortraitNet`."""
 
-    def __init__(self, engine: bytes, device: torch.device) -> None:
-        trt = import_tensorrt()
-        self.device = device
-        self.logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime
-        self.runtime = trt.Runtime(self.logger)
-        with torch.cuda.device(device):
-            self.engine = self.runtime.deserialize_cuda_engine(engine)
-            if self.engine is None:
-                raise ValueError("TensorRT could not deserialise the engine")
-            self.context = self.engine.create_execution_context()
-        kind = self.engine.get_tensor_dtype(OUTPUT)
-        self.out_dtype = torch.float16 if kind == trt.DataType.HALF else torch.float32
+    def __init__(self, engine: engines.Engine) -> None:
+        self.engine = engine
 
     @classmethod
     def for_avatar(
-        cls, renderer: PortraitRenderer, avatar: PortraitAvatar, size: int, engines: Path
+        cls, renderer: PortraitRenderer, avatar: PortraitAvatar, size: int, cache: Path
     ) -> TensorRTBackend:
         """The engine for this avatar, size and the renderer's batch, from the cache
-        under `engines` or built now (minutes; once per machine)."""
-        trt = import_tensorrt()
+        under `cache` or built now (minutes; once per machine)."""
+        trt = engines.import_tensorrt()
         precision = "fp16" if renderer.dtype == torch.float16 else "fp32"
         batch = renderer.batch_size
-        name = engine_name(
+        name = engines.engine_name(
+            "portrait",
             avatar_digest(avatar, size),
-            gpu_arch(renderer.device),
+            engines.gpu_arch(renderer.device),
             trt.__version__,
             precision,
-            batch,
-            size,
-            size,
+            f"b{batch}-{size}x{size}",
         )
+        channels = len(CHANNELS)
+        profiles = {INPUT: ((1, channels), (batch, channels), (batch, channels))}
 
         def build() -> bytes:
             log.info("portrait renderer: building TensorRT engine %s", name)
-            return build_engine(onnx_bytes(renderer, avatar, size, batch), batch)
+            onnx = onnx_bytes(renderer, avatar, size, batch)
+            return engines.build_engine(onnx, profiles, "portrait network")
 
-        path = cached_engine(engines / name, build)
-        try:
-            return cls(path.read_bytes(), renderer.device)
-        except ValueError:
-            # Truncated by a full disk, or from a driver this TensorRT rejects: rebuild.
-            log.warning("portrait renderer: engine %s unusable, rebuilding", name)
-            path.unlink(missing_ok=True)
-            return cls(cached_engine(path, build).read_bytes(), renderer.device)
+        return cls(engines.Engine.cached(cache / name, build, renderer.device))
 
     def __call__(self, track: torch.Tensor) -> torch.Tensor:
-        rows = track.to(self.device, torch.float32).contiguous()
-        if not self.context.set_input_shape(INPUT, tuple(rows.shape)):
-            raise ValueError(f"batch of {rows.shape[0]} is outside the engine's profile")
-        shape = tuple(self.context.get_tensor_shape(OUTPUT))
-        frames = torch.empty(shape, dtype=self.out_dtype, device=self.device)
-        self.context.set_tensor_address(INPUT, rows.data_ptr())
-        self.context.set_tensor_address(OUTPUT, frames.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT failed to run the portrait engine")
-        return frames.to(torch.uint8)
-
-
-# --- choice -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BackendChoice:
-    path: str  # "tensorrt" | "cuda" | "cpu"
-    device: str  # the torch device it runs on
-    reason: str
-
-
-def choose_backend(device: str) -> str:
-    """The path for a FARM_DEVICE value (auto, cpu, cuda[:N]): tensorrt, cuda or cpu."""
-    return backend_choice(device).path
-
-
-def backend_choice(device: str) -> BackendChoice:
-    """TensorRT where CUDA and tensorrt both are (and FARM_TENSORRT is not 0), else
-    PyTorch CUDA, else the CPU; `device=cpu` always means the CPU."""
-    if device == "cpu":
-        return BackendChoice("cpu", "cpu", "device cpu requested")
-    if device != "auto" and not device.startswith("cuda"):
-        raise PermanentError(f"unknown device {device!r}: auto, cpu or cuda[:N]")
-    if not torch.cuda.is_available():
-        if device == "auto":
-            return BackendChoice("cpu", "cpu", "no CUDA device")
-        raise PermanentError(f"device {device!r} requested, but PyTorch sees no CUDA device")
-    cuda = device if device.startswith("cuda") else "cuda"
-    gpu = torch.cuda.get_device_name(torch.device(cuda))
-    if os.environ.get(TENSORRT_SWITCH, "1").strip() == "0":
-        return BackendChoice("cuda", cuda, f"{gpu}; TensorRT off by {TENSORRT_SWITCH}=0")
-    try:
-        trt = import_tensorrt()
-    except MissingDependency:
-        return BackendChoice("cuda", cuda, f"{gpu}; tensorrt not installed: {TENSORRT_HINT}")
-    except Exception as exc:  # a broken install (missing CUDA libraries): keep rendering
-        return BackendChoice("cuda", cuda, f"{gpu}; tensorrt failed to import: {exc}")
-    arch = gpu_arch(torch.device(cuda))
-    return BackendChoice("tensorrt", cuda, f"{gpu} {arch}, TensorRT {trt.__version__} fp16")
+        return self.engine(**{INPUT: track.float()})[OUTPUT].to(torch.uint8)

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from farm.errors import PermanentError
 from models.base import FrameSink, Phone, Plan, RenderStats, Speech
+from models.engines import backend_choice
 from models.frames import FrameWriter
 
 from .avatar import CROP_SIZE, PortraitAvatar, prepare_avatar
-from .export import TensorRTBackend, backend_choice
+from .export import TensorRTBackend
 from .net import PortraitNet
 from .render import build_rig
 
@@ -45,7 +46,7 @@ class PortraitRenderer:
         self.batch_size = batch_size
         self.device = torch.device("cpu")
         self.dtype = torch.float32
-        self.backend = "cpu"  # "tensorrt" | "cuda" | "cpu", see export.backend_choice
+        self.backend = "cpu"  # "tensorrt" | "cuda" | "cpu", see models/engines.py
         self.model_dir: Path | None = None
 
     def load(self, model_dir: Path, device: str = "auto") -> None:

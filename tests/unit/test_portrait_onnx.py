@@ -18,19 +18,11 @@ import pytest
 import torch
 
 from farm.errors import MissingDependency, PermanentError
+from models import engines
 from models.base import CHANNEL_INDEX, CHANNELS, Plan
+from models.engines import backend_choice, cached_engine
 from models.portrait import PortraitAvatar, PortraitRenderer, demo_photo
-from models.portrait import export as portrait_export
-from models.portrait.export import (
-    OnnxBackend,
-    TensorRTBackend,
-    avatar_digest,
-    backend_choice,
-    cached_engine,
-    choose_backend,
-    engine_name,
-    export_onnx,
-)
+from models.portrait.export import OnnxBackend, TensorRTBackend, avatar_digest, export_onnx
 
 SIZE, BATCH = 256, 4
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -158,7 +150,11 @@ def test_the_fp16_graph_is_what_tensorrt_can_build(avatar, torch_frames):
 
 def test_engine_name_keys_every_thing_that_makes_an_engine_unusable(avatar):
     digest = avatar_digest(avatar, 512)
-    name = engine_name(digest, "sm90", "10.3.0", "fp16", 16, 512, 512)
+
+    def name_of(*key: str) -> str:
+        return engines.engine_name("portrait", digest, *key)
+
+    name = name_of("sm90", "10.3.0", "fp16", "b16-512x512")
     assert name == f"portrait-{digest}-sm90-trt10.3.0-fp16-b16-512x512.engine"
     assert len(digest) == 16 and int(digest, 16) >= 0
     # Stable across processes and round trips; different for a different avatar or size.
@@ -168,16 +164,16 @@ def test_engine_name_keys_every_thing_that_makes_an_engine_unusable(avatar):
     moved = PortraitAvatar(image=avatar.image, landmarks=avatar.landmarks + 0.5)
     assert avatar_digest(moved, 512) != digest
     variants = {
-        engine_name(digest, "sm90", "10.3.0", "fp16", 16, 512, 512),
-        engine_name(digest, "sm89", "10.3.0", "fp16", 16, 512, 512),
-        engine_name(digest, "sm90", "10.4.0", "fp16", 16, 512, 512),
-        engine_name(digest, "sm90", "10.3.0", "fp32", 16, 512, 512),
-        engine_name(digest, "sm90", "10.3.0", "fp16", 8, 512, 512),
-        engine_name(digest, "sm90", "10.3.0", "fp16", 16, 256, 256),
+        name_of("sm90", "10.3.0", "fp16", "b16-512x512"),
+        name_of("sm89", "10.3.0", "fp16", "b16-512x512"),
+        name_of("sm90", "10.4.0", "fp16", "b16-512x512"),
+        name_of("sm90", "10.3.0", "fp32", "b16-512x512"),
+        name_of("sm90", "10.3.0", "fp16", "b8-512x512"),
+        name_of("sm90", "10.3.0", "fp16", "b16-256x256"),
     }
     assert len(variants) == 6
     with pytest.raises(ValueError):
-        engine_name(digest, "sm90", "../10", "fp16", 16, 512, 512)
+        name_of("sm90", "../10", "fp16", "b16-512x512")
 
 
 def test_an_engine_is_built_once_by_concurrent_workers(tmp_path):
@@ -211,23 +207,27 @@ def fake_gpu(monkeypatch):
     monkeypatch.delenv("FARM_TENSORRT", raising=False)
 
 
+def backend_path(device: str) -> str:
+    return backend_choice(device).path
+
+
 def test_with_cuda_and_tensorrt_the_engine_path_is_chosen(fake_gpu, monkeypatch):
     fake = types.SimpleNamespace(__version__="10.3.0")
-    monkeypatch.setattr(portrait_export, "import_tensorrt", lambda: fake)
-    assert choose_backend("auto") == "tensorrt"
+    monkeypatch.setattr(engines, "import_tensorrt", lambda: fake)
+    assert backend_path("auto") == "tensorrt"
     choice = backend_choice("cuda")
     assert (choice.path, choice.device) == ("tensorrt", "cuda")
     assert "sm90" in choice.reason and "10.3.0" in choice.reason
     monkeypatch.setenv("FARM_TENSORRT", "0")
-    assert choose_backend("auto") == "cuda"
-    assert choose_backend("cpu") == "cpu"
+    assert backend_path("auto") == "cuda"
+    assert backend_path("cpu") == "cpu"
 
 
 def test_without_tensorrt_pytorch_cuda_and_the_reason_names_the_extra(fake_gpu, monkeypatch):
     def missing():
         raise MissingDependency("the TensorRT path needs tensorrt: pip install 'farm[tensorrt]'")
 
-    monkeypatch.setattr(portrait_export, "import_tensorrt", missing)
+    monkeypatch.setattr(engines, "import_tensorrt", missing)
     choice = backend_choice("cuda:0")
     assert (choice.path, choice.device) == ("cuda", "cuda:0")
     assert "pip install 'farm[tensorrt]'" in choice.reason
@@ -235,12 +235,12 @@ def test_without_tensorrt_pytorch_cuda_and_the_reason_names_the_extra(fake_gpu, 
 
 def test_without_cuda_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert choose_backend("auto") == "cpu"
-    assert choose_backend("cpu") == "cpu"
+    assert backend_path("auto") == "cpu"
+    assert backend_path("cpu") == "cpu"
     with pytest.raises(PermanentError, match="no CUDA device"):
-        choose_backend("cuda")
+        backend_path("cuda")
     with pytest.raises(PermanentError, match="unknown device"):
-        choose_backend("tpu")
+        backend_path("tpu")
 
 
 def test_load_logs_the_path_it_took(caplog):
@@ -273,7 +273,7 @@ def test_a_failed_engine_build_falls_back_to_pytorch(avatar, monkeypatch, caplog
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
 def test_a_missing_tensorrt_names_the_extra():
     with pytest.raises(MissingDependency, match=r"pip install 'farm\[tensorrt\]'"):
-        portrait_export.import_tensorrt()
+        engines.import_tensorrt()
 
 
 # --- on a GPU -------------------------------------------------------------------------
