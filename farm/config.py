@@ -182,10 +182,13 @@ class Settings:
 
     def renderer_options(self, name: str) -> tuple[tuple[str, Any], ...]:
         """A renderer's own options, as its constructor takes them."""
+        # Engines are built on the worker, so they live under FARM_MODEL_DIR, never in
+        # the user's checkpoint folder (which may be read-only or shared).
+        engines = ("engine_dir", str(self.model_dir / "engines"))
         if name == "ditto":
-            return (("steps", self.ditto_steps), ("emotion", self.ditto_emotion))
+            return (("steps", self.ditto_steps), ("emotion", self.ditto_emotion), engines)
         if name == "gaussiantalker":
-            return (("audio_model", self.gaussiantalker_audio_model),)
+            return (("audio_model", self.gaussiantalker_audio_model), engines)
         return ()
 
     def describe(self) -> dict[str, str]:

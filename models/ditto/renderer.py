@@ -84,11 +84,14 @@ class DittoAvatar:
 class DittoRenderer:
     name = "ditto"
 
-    def __init__(self, batch_size: int = 16, steps: int = 0, emotion: int = -1) -> None:
+    def __init__(
+        self, batch_size: int = 16, steps: int = 0, emotion: int = -1, engine_dir: str = ""
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.batch_size = batch_size
         self.steps, self.emotion = steps, emotion  # 0 / -1: the checkpoint config's
+        self.engine_dir = Path(engine_dir) if engine_dir else None  # TensorRT engine cache
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.root: Path | None = None

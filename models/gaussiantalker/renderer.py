@@ -68,11 +68,18 @@ class GaussianTalkerAvatar:
 class GaussianTalkerRenderer:
     name = "gaussiantalker"
 
-    def __init__(self, batch_size: int = 4, audio_model: str = "", eyes: str = "natural"):
+    def __init__(
+        self,
+        batch_size: int = 4,
+        audio_model: str = "",
+        eyes: str = "natural",
+        engine_dir: str = "",
+    ):
         self.batch_size = batch_size
         self.audio_model = audio_model  # FARM_GAUSSIANTALKER_AUDIO_MODEL
         self.eyes = eyes  # natural | still: the default of jobs that do not say
         self.device = torch.device("cpu")
+        self.engine_dir = Path(engine_dir) if engine_dir else None  # TensorRT engine cache
         self._extractors: dict[int, Any] = {}  # by feature width, loaded on first use
 
     def load(self, model_dir: Path, device: str = "auto") -> None:
