@@ -1037,6 +1037,41 @@ def models_check(renderer: str) -> None:
         )
 
 
+@main.group(name="engines")
+def engines_group() -> None:
+    """TensorRT engines of the neural backends (GPU workers with farm[tensorrt])."""
+
+
+@engines_group.command(name="build")
+@click.option(
+    "--renderer", required=True, type=click.Choice(["ditto", "gaussiantalker"]), help="backend"
+)
+@click.option(
+    "--avatar",
+    "avatars",
+    multiple=True,
+    help="an avatar to build for (gaussiantalker's engines are per avatar); repeatable",
+)
+@fail_cleanly
+def engines_build(renderer: str, avatars: tuple[str, ...]) -> None:
+    """Build RENDERER's engines now, on this machine, instead of at a worker's first job
+    (minutes each; kept under FARM_MODEL_DIR/engines). Prints each engine's path."""
+    import subprocess
+
+    if renderer == "gaussiantalker" and not avatars:
+        raise InvalidInput("--renderer gaussiantalker needs --avatar NAME (one engine per avatar)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.engines", renderer, *avatars],
+        capture_output=True,
+        text=True,
+    )
+    for line in proc.stdout.splitlines():
+        click.echo(one_line(line))
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["the build process failed"])[-1]
+        raise InvalidInput(last.removeprefix("farm: error: "))
+
+
 @main.command()
 @fail_cleanly
 def stop() -> None:
