@@ -54,8 +54,11 @@ class PlaneGrid(nn.Module):
         self.grids = nn.ModuleList()
         for multiplier in multires:
             res = [r * multiplier for r in resolution]
+            # Overwritten by the checkpoint; drawn (as upstream initialises its planes,
+            # uniform 0.1..0.5) so that a module built without one is seeded, not garbage.
             planes = nn.ParameterList(
-                nn.Parameter(torch.empty(1, channels, res[b], res[a])) for a, b in self.PAIRS
+                nn.Parameter(torch.empty(1, channels, res[b], res[a]).uniform_(0.1, 0.5))
+                for a, b in self.PAIRS
             )
             self.grids.append(planes)
         self.feature_width = channels * len(multires)
@@ -150,7 +153,8 @@ class AudioEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder_fc1(self.encoder_conv(x[:, :, :AUDIO_ROWS]).squeeze(-1))
+        # One time step is left (W <= 16); flatten, not squeeze, exports without an If.
+        return self.encoder_fc1(self.encoder_conv(x[:, :, :AUDIO_ROWS]).flatten(1))
 
 
 class AudioAttention(nn.Module):

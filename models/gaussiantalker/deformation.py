@@ -21,7 +21,7 @@ depend on the Gaussians only, so a caller may compute them once
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -148,15 +148,20 @@ class DeformationNet(nn.Module):
         self.enc_x_mlp = BiasFreeMLP(AUDIO_CODE, d, 64, 2)
 
     def conditions(
-        self, audio: torch.Tensor, eye: torch.Tensor, camera: torch.Tensor
+        self,
+        audio: torch.Tensor,
+        eye: torch.Tensor,
+        camera: torch.Tensor,
+        eye_code: Callable[[torch.Tensor], torch.Tensor] = eye_encoding,
     ) -> torch.Tensor:
         """The condition tokens [B, 4, d_model]: audio, eye, camera, null (see
-        `Deformation.forward` for the inputs)."""
+        `Deformation.forward` for the inputs). `eye_code` computes the eye's encoding
+        (the ONNX export passes one without float64, models/gaussiantalker/export.py)."""
         b = audio.shape[0]
         frames = audio.permute(0, 1, 3, 2).reshape(b * AUDIO_FRAMES, -1, audio.shape[2])
         codes = self.audio_net(frames).view(b, AUDIO_FRAMES, AUDIO_CODE)
         enc_audio = self.audio_att_net(codes).unsqueeze(1)  # [B, 1, 32]
-        enc_eye = eye_encoding(eye).unsqueeze(1)  # [B, 1, 32]
+        enc_eye = eye_code(eye).unsqueeze(1)  # [B, 1, 32]
         enc_camera = self.cam_mlp(camera).unsqueeze(1)  # [B, 1, d]
         if self.config.d_model != AUDIO_CODE:  # upstream's condition: widen to d_model
             enc_audio = self.audio_mlp(enc_audio)
@@ -216,18 +221,7 @@ class Deformation(nn.Module):
         Each output is the input plus its head's offset (upstream's mask is 1 in this
         config and rotations are added, not composed); every attribute is deformed.
         """
-        # W rows per window: 16 for wav2vec2 logits, 2 for HuBERT (upstream slices [:16]).
-        if (
-            audio.ndim != 4
-            or audio.shape[1] != AUDIO_FRAMES
-            or not 1 <= audio.shape[2] <= AUDIO_ROWS
-        ):
-            raise ValueError(f"audio must be [B, 8, W <= 16, C], got {list(audio.shape)}")
-        if audio.shape[-1] != self.config.audio_in:
-            raise PermanentError(
-                f"{NAME}: audio features are {audio.shape[-1]} wide, the model was "
-                f"trained on {self.config.audio_in}-wide features"
-            )
+        self.check_audio(audio)
         net = self.deformation_net
         b, n = audio.shape[0], xyz.shape[0]
         if features is None:
@@ -243,6 +237,22 @@ class Deformation(nn.Module):
             shs=shs + net.shs_deform(hidden).view(b, n, SH_COEFFS, 3),
             attention=attention,
         )
+
+    def check_audio(self, audio: torch.Tensor) -> None:
+        """ValueError unless audio is [B, 8, W, C] with 1 <= W <= 16; PermanentError
+        (one line) when C is not the width the model was trained on."""
+        # W rows per window: 16 for wav2vec2 logits, 2 for HuBERT (upstream slices [:16]).
+        if (
+            audio.ndim != 4
+            or audio.shape[1] != AUDIO_FRAMES
+            or not 1 <= audio.shape[2] <= AUDIO_ROWS
+        ):
+            raise ValueError(f"audio must be [B, 8, W <= 16, C], got {list(audio.shape)}")
+        if audio.shape[-1] != self.config.audio_in:
+            raise PermanentError(
+                f"{NAME}: audio features are {audio.shape[-1]} wide, the model was "
+                f"trained on {self.config.audio_in}-wide features"
+            )
 
     @classmethod
     def config_from_state_dict(

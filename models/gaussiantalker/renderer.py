@@ -13,11 +13,13 @@ source-frame schedule that walks back and forth through the tracked frames from 
 seeded start (pose and torso move on without jumps); blinks from farm's seeded model
 instead of the training video's AU45; and a seeded gaze track for the living eyes.
 
-Render, per frame: deformation (audio window, eye, the source frame's camera) ->
-SH colours -> rasterization (gsplat on CUDA, the pure-torch reference on CPU) over
-the source frame's torso on the background, at the training video's resolution
-(letterboxed to another size), then the irises moved by the gaze track where the eyes
-were found (models/eyes.py). Each frame is a function of (avatar, plan, frame index).
+Render, per frame: deformation (audio window, eye, the source frame's camera), by the
+avatar's TensorRT engine on a GPU worker with tensorrt (models/gaussiantalker/export.py),
+else by PyTorch -> SH colours -> rasterization (gsplat on CUDA, the pure-torch reference
+on CPU) over the source frame's torso on the background, at the training video's
+resolution (letterboxed to another size), then the irises moved by the gaze track where
+the eyes were found (models/eyes.py). Each frame is a function of (avatar, plan, frame
+index).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from farm.errors import PermanentError
+from farm.errors import FarmError, PermanentError
 from models.base import FrameSink, Phone, Plan, RenderStats, Speech
+from models.engines import backend_choice
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +83,20 @@ class GaussianTalkerRenderer:
         self.audio_model = audio_model  # FARM_GAUSSIANTALKER_AUDIO_MODEL
         self.eyes = eyes  # natural | still: the default of jobs that do not say
         self.device = torch.device("cpu")
+        self.backend = "cpu"  # "tensorrt" | "cuda" | "cpu", see models/engines.py
+        self.backend_reason = "the renderer is not loaded"
         self.engine_dir = Path(engine_dir) if engine_dir else None  # TensorRT engine cache
         self._extractors: dict[int, Any] = {}  # by feature width, loaded on first use
 
     def load(self, model_dir: Path, device: str = "auto") -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        log.info("gaussiantalker renderer on %s", self.device)
+        """Picks the path (TensorRT, PyTorch CUDA or CPU) and says which, once per worker
+        process. TensorRT engines are cached under engine_dir (else model_dir/engines)."""
+        choice = backend_choice(device)
+        self.backend, self.backend_reason = choice.path, choice.reason
+        self.device = torch.device(choice.device)
+        if self.engine_dir is None:
+            self.engine_dir = Path(model_dir) / "engines"
+        log.info("gaussiantalker renderer: using %s (%s)", choice.path, choice.reason)
 
     # --- avatar --------------------------------------------------------------
 
@@ -191,17 +201,23 @@ class GaussianTalkerRenderer:
         cam = frame.camera
         camera12 = torch.from_numpy(np.concatenate([cam.R.reshape(9), cam.T.reshape(3)]))
         eye_t = torch.tensor([[eye]], dtype=torch.float32, device=self.device)
-        out = net(
-            gs["xyz"],
-            gs["scale"],
-            gs["rotation"],
-            gs["opacity"],
-            gs["sh"],
-            audio,
-            eye_t,
-            camera12[None].to(self.device, torch.float32),
-            features,
-        ).activated()
+        camera_t = camera12[None].to(self.device, torch.float32)
+        engine = self._engine(avatar, net, audio) if self.backend == "tensorrt" else None
+        if engine is not None:
+            raw = engine(audio, eye_t, camera_t)
+        else:
+            raw = net(
+                gs["xyz"],
+                gs["scale"],
+                gs["rotation"],
+                gs["opacity"],
+                gs["sh"],
+                audio,
+                eye_t,
+                camera_t,
+                features,
+            )
+        out = raw.activated()
         w, h = avatar.model.size
         camera = Camera.from_fov(cam.R, cam.T, cam.fovx, cam.fovy, w, h)
         means = out.xyz[0]
@@ -239,6 +255,68 @@ class GaussianTalkerRenderer:
             gs = {k: v.to(self.device, torch.float32) for k, v in gs.items()}
             avatar.cache[key] = (net, gs, net.canonical_features(gs["xyz"]))
         return avatar.cache[key]
+
+    # --- TensorRT ------------------------------------------------------------
+
+    def _engine(self, avatar: GaussianTalkerAvatar, net: Any, audio: torch.Tensor) -> Any:
+        """The avatar's deformation engine for audio windows shaped like `audio`, built
+        or found once per process; None (PyTorch CUDA) where it failed to."""
+        net.check_audio(audio)  # a wrong width is the job's error, not TensorRT's
+        rows, width = int(audio.shape[2]), int(audio.shape[3])
+        key = self._engine_key(rows, width)
+        if key not in avatar.cache:
+            try:
+                avatar.cache[key] = self._build_engine(avatar, rows)
+            except Exception as exc:
+                # TensorRT is an accelerator, not a requirement: an engine that does not
+                # build or load must not fail every job of this avatar on the worker.
+                log.warning(
+                    "gaussiantalker renderer: TensorRT failed (%s); using PyTorch CUDA", exc
+                )
+                avatar.cache[key] = None
+        return avatar.cache[key]
+
+    def _engine_key(self, rows: int, width: int) -> tuple[Any, ...]:
+        return ("tensorrt", rows, width, str(self.device), self.batch_size)
+
+    def _build_engine(self, avatar: GaussianTalkerAvatar, rows: int) -> Any:
+        from models.gaussiantalker.export import TensorRTDeformation
+
+        net, gs, features = self._network(avatar)
+        return TensorRTDeformation.for_network(
+            net,
+            gs,
+            features,
+            deformation_path=avatar.model.deformation_path,
+            rows=rows,
+            batch=self.batch_size,
+            cache=self.engine_dir or Path("engines"),
+        )
+
+    def build_engines(self, avatars: Iterable[GaussianTalkerAvatar]) -> list[Path]:
+        """Builds (or finds in the cache) the TensorRT engine of each loaded avatar, for
+        the audio windows its extractor makes, ahead of its first render; their paths.
+        PermanentError (one line) when this worker does not use TensorRT, or when a build
+        fails (no fallback here: the caller asked for the engine)."""
+        from models.gaussiantalker.export import window_rows
+
+        if self.backend != "tensorrt":
+            raise PermanentError(
+                f"TensorRT is not in use for gaussiantalker on this worker: {self.backend_reason}"
+            )
+        paths = []
+        for avatar in avatars:
+            width = avatar.model.audio_dim
+            rows = window_rows(width)
+            try:
+                engine = self._build_engine(avatar, rows)
+            except FarmError:
+                raise
+            except Exception as exc:
+                raise PermanentError(f"the gaussiantalker TensorRT engine failed: {exc}") from exc
+            avatar.cache[self._engine_key(rows, width)] = engine
+            paths.append(engine.path)
+        return paths
 
     def _backdrop(self, avatar: GaussianTalkerAvatar, source: int) -> torch.Tensor:
         """The source frame's torso over the background, float [H, W, 3] in [0, 1]."""
