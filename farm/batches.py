@@ -141,7 +141,7 @@ def check(
         return earlier.clash(row.output)
 
     def check_script(text: str) -> None:
-        padding = jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
+        padding = sum(jobs.padding(False))
         script.check_script_frames(text, options.fps, ctx.settings, padding)
 
     return manifest.check_rows(

@@ -317,3 +317,124 @@ def format_load(r: LoadResult) -> str:
     ]
     lines += [f"    {role:14} {mib:6.0f} MiB" for role, mib in r.peak_rss_mib.items()]
     return "\n".join(lines)
+
+
+# --- lip-sync quality (`farm bench --quality`) ------------------------------------------------
+
+# The fixed set. Text jobs speak with the default Piper voice; the audio-only clip is a
+# different synthetic voice (espeak-ng), made at bench time, resampled to a 16 kHz WAV
+# and submitted as a user's recording would be.
+QUALITY_NEWS = (
+    "City officials announced on Tuesday that the old harbour bridge will close for "
+    "repairs next month. Engineers found cracks in two of its steel supports during a "
+    "routine inspection, and traffic will be diverted to the northern crossing while the "
+    "work is carried out. The mayor said the repairs should take about six weeks, and "
+    "that buses will run every ten minutes between the two sides of the river."
+)
+QUALITY_BILABIALS = (
+    "Papa bought a big blue balloon.\n\n"
+    "Bob may buy maple bread.\n\n"
+    "My mom made apple pie, and the baby pulled the paper.\n\n"
+    "Please bring me both, before ten.\n\n"
+    "Maybe."
+)
+QUALITY_AUDIO_SENTENCES = (
+    ("The weather service expects heavy rain across the valley this weekend.", 0.6),
+    ("Farmers have been told to move their animals to higher ground.", 0.9),
+    ("Schools will stay open, but some bus routes may be cancelled.", 0.45),
+    ("People living near the river should prepare bags of sand.", 1.2),
+    ("Updates will follow every morning at seven.", 0.7),
+    ("Please check the website before you travel.", 0.5),
+    ("Thank you for listening, and stay safe.", 0.0),
+)
+QUALITY_AUDIO_LEAD_S = 0.25  # the recording's own silence before its first word
+QUALITY_AUDIO_RATE = 16_000
+
+
+def quality_clip(dest: Path) -> Path:
+    """The audio-only clip: espeak-ng sentences with pauses between them, resampled to a
+    16 kHz mono WAV (how a user's recording might arrive)."""
+    import numpy as np
+
+    from models import tts
+    from models.base import Speech
+    from models.wav import SAMPLE_RATE, resample, write_wav
+
+    pieces = [np.zeros(int(QUALITY_AUDIO_LEAD_S * SAMPLE_RATE), np.int16)]
+    for sentence, pause_s in QUALITY_AUDIO_SENTENCES:
+        pieces.append(tts.synthesize(sentence, "espeak").samples)
+        pieces.append(np.zeros(int(pause_s * SAMPLE_RATE), np.int16))
+    samples = resample(np.concatenate(pieces), SAMPLE_RATE, QUALITY_AUDIO_RATE)
+    write_wav(Speech(samples=samples, sample_rate=QUALITY_AUDIO_RATE), dest)
+    return dest
+
+
+def quality(ctx: Context, work: Path) -> list[dict]:
+    """Render the fixed set through the farm and measure each MP4 independently
+    (farm/quality.py, in a child process: this one never imports mediapipe)."""
+    from farm import audio as audio_input
+
+    size = (ctx.settings.size, ctx.settings.size)
+    fps = ctx.settings.fps
+
+    def request(script: str, audio_wav: bytes | None = None) -> jobs.JobRequest:
+        return jobs.JobRequest(
+            script, "demo", "joe", fps, size, ctx.settings.chunk_frames, seed=1,
+            audio_wav=audio_wav,
+        )  # fmt: skip
+
+    clip = quality_clip(work / "clip-16k.wav")
+    samples = audio_input.decode(clip, ctx.settings.max_audio_seconds)
+    cases = [
+        ("text: news paragraph", request(QUALITY_NEWS), None),
+        ("text: bilabials + pauses", request(QUALITY_BILABIALS), None),
+        ("audio: espeak, 16 kHz WAV", request("", audio_input.to_wav(samples)), clip),
+    ]
+    rows = []
+    for name, req, given in cases:
+        job = _run_job(ctx, req)
+        mp4 = work / f"{len(rows)}.mp4"
+        ctx.store.get_file(job.output_key, mp4)
+        rows.append({"job": name, "job_id": job.id, **measure_mp4(mp4, given)})
+    return rows
+
+
+def measure_mp4(mp4: Path, input_wav: Path | None = None) -> dict:
+    argv = [sys.executable, "-m", "farm.quality", str(mp4)]
+    if input_wav is not None:
+        argv += ["--input-wav", str(input_wav)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise FarmError(f"quality measure failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_quality(rows: list[dict]) -> str:
+    """The table of issue 14: one row per job, and whether it meets the targets."""
+    lines = [
+        "Lip-sync quality (FaceMesh on the output frames, the MP4's own audio)",
+        f"  {'job':26} {'sync corr':>9} {'lag':>4} {'closed in silence':>18}"
+        f" {'video':>8} {'audio':>8} {'input':>8}  targets",
+    ]
+    for r in rows:
+        closed = f"{100 * r['closed_in_silence']:.0f}% of {r['silent_frames']}"
+        given = f"{r['input_seconds']:7.2f}s" if r.get("input_seconds") else f"{'-':>8}"
+        corr_ok = r["sync_corr"] >= 0.6 and abs(r["best_lag"]) <= 1
+        dur_ok = not r.get("input_seconds") or abs(r["video_seconds"] - r["input_seconds"]) <= 0.04
+        met = corr_ok and r["closed_in_silence"] >= 0.95 and dur_ok
+        lines.append(
+            f"  {r['job']:26} {r['sync_corr']:9.2f} {r['best_lag']:+4d} {closed:>18}"
+            f" {r['video_seconds']:7.2f}s {r['audio_seconds']:7.2f}s {given}  "
+            + ("met" if met else "NOT met")
+        )
+    for r in rows:
+        if r.get("input_corr") is not None:
+            lines.append(
+                f"  {r['job']}: the MP4's audio is the input {r['input_offset_ms']:+.1f} ms,"
+                f" correlation {r['input_corr']:.3f} after alignment (resampled, AAC)"
+            )
+    lines.append(
+        "  targets: corr >= 0.6 at a lag within +-1 frame (negative: the mouth trails the"
+        " sound); closed in >= 95% of silent frames; audio-only video = input +- 1 frame"
+    )
+    return "\n".join(lines)

@@ -300,7 +300,7 @@ def submit(
         )
     _check_seed(seed)
     fps = settings.fps if fps is None else fps
-    padding = jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
+    padding = sum(jobs.padding(audio is not None))
     text, audio_wav = "", None
     if audio is not None:
         from farm import audio as audio_input
@@ -1060,6 +1060,7 @@ def engines_build(renderer: str, avatars: tuple[str, ...]) -> None:
 
     if renderer == "gaussiantalker" and not avatars:
         raise InvalidInput("--renderer gaussiantalker needs --avatar NAME (one engine per avatar)")
+    make_context()  # a fresh embedded home gets its schema here, as for every command
     proc = subprocess.run(
         [sys.executable, "-m", "workers.engines", renderer, *avatars],
         capture_output=True,
@@ -1167,6 +1168,14 @@ def db_upgrade(revision: str) -> None:
     "Redis): jobs per minute, peak queue depth, memory per process, `farm jobs` latency.",
 )
 @click.option(
+    "--quality",
+    is_flag=True,
+    default=False,
+    help="Lip-sync quality instead of speed: render a fixed set (two Piper scripts and an "
+    "audio-only espeak clip) through the farm and measure each MP4 with FaceMesh: sync "
+    "correlation and lag, mouth closed in silence, video against audio duration.",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -1189,15 +1198,25 @@ def bench(
     workers: str | None,
     frame_ms: str,
     load_jobs: int | None,
+    quality: bool,
     json_out: Path | None,
 ) -> None:
     """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio;
     with --renderer ditto, that backend's plan and render figures; with --workers,
     render-worker scaling and the per-chunk overhead instead; with --load, a farm under
-    N jobs submitted at once."""
+    N jobs submitted at once; with --quality, lip-sync figures of a fixed set of jobs."""
 
     from farm import bench as b
 
+    if quality:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="farm-quality-") as work:
+            rows = b.quality(make_context(), Path(work))
+        click.echo(b.format_quality(rows))
+        if json_out:
+            _write_json(json_out, {"quality": rows})
+        return
     if load_jobs:
         result = b.load(make_context(), load_jobs)
         click.echo(b.format_load(result))

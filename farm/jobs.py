@@ -28,9 +28,16 @@ BUILTIN_AVATARS: tuple[str, ...] = ("demo",)
 _AVATAR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LEAD_IN_SECONDS = 0.3  # silence before the first word, so the mouth starts closed
 TAIL_SECONDS = 0.5
-# Audio jobs get the same lead-in and tail (the plan adds them to every job's timeline),
-# so the video of an audio job is the input plus LEAD_IN_SECONDS + TAIL_SECONDS.
+# Audio jobs keep the user's timing (issue 14): no lead-in and no tail, so the video is
+# exactly as long as the input (to the frame) and the audio is the input's, resampled
+# and encoded as AAC, nothing added. Silence in the recording closes the mouth anyway.
 INPUT_AUDIO = "input.wav"  # jobs/{id}/input.wav: an audio job's normalised input
+
+
+def padding(audio_job: bool) -> tuple[float, float]:
+    """(lead-in, tail) seconds of silence the plan puts around a job's speech: a script
+    job's TTS gets both; an audio job's recording is used as it is."""
+    return (0.0, 0.0) if audio_job else (LEAD_IN_SECONDS, TAIL_SECONDS)
 
 
 def check_avatar_name(name: str) -> str:

@@ -8,8 +8,9 @@ timings to drive the mouth. We recover them in two steps:
    CPU in int8, with ``word_timestamps=True`` (cross-attention alignment, DTW).
    The model directory is passed to ``WhisperModel`` directly: nothing is fetched
    from a hub at run time. Whisper's word edges come from attention, not the
-   waveform (the first word often starts at 0 s, silence included), so each word
-   is trimmed to the voiced 10 ms frames inside it.
+   waveform (the first word often starts at 0 s, silence included, and words run
+   ~75 ms late), so the words of each stretch of sound are mapped onto that
+   stretch's onset and offset as the audio shows them (``align_to_sound``).
 2. **Phones of each word** from espeak-ng's text-to-phoneme pass (the espeak engine
    of models.tts, IPA, no audio synthesised), spread over the word's time span with
    weights by phone class: vowels (the open, visible part of a syllable) get
@@ -173,6 +174,81 @@ def trim_to_voice(words: Sequence[Word], voiced: np.ndarray) -> list[Word]:
     return out
 
 
+# Stretches of sound: 10 ms windows above STRETCH_FRACTION of the 95th-percentile window
+# RMS, split where at least STRETCH_GAP_S is quieter (a stop closure inside a word is
+# shorter than that, a pause between phrases longer).
+STRETCH_FRACTION = 0.05
+STRETCH_GAP_S = 0.15
+_STRETCH_MIN_S = 0.04  # a click or breath shorter than this is no stretch
+_NEAREST_S = 0.3  # a word heard in silence joins a stretch at most this far away
+
+
+def sound_stretches(samples: np.ndarray, rate: int) -> list[tuple[float, float]]:
+    """(onset, offset) seconds of each stretch of sound in the audio."""
+    n = max(1, int(_FRAME_S * rate))
+    usable = samples.size - samples.size % n
+    if usable == 0:
+        return []
+    x = samples[:usable].astype(np.float64).reshape(-1, n) / 32768.0
+    rms = np.sqrt((x**2).mean(axis=1))
+    loud = rms > STRETCH_FRACTION * float(np.percentile(rms, 95))
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(np.int8), [0]])))
+    runs = [[a * _FRAME_S, b * _FRAME_S] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    merged: list[list[float]] = []
+    for run in runs:
+        if merged and run[0] - merged[-1][1] < STRETCH_GAP_S:
+            merged[-1][1] = run[1]
+        else:
+            merged.append(run)
+    return [(a, b) for a, b in merged if b - a >= _STRETCH_MIN_S]
+
+
+def align_to_sound(words: Sequence[Word], samples: np.ndarray, rate: int) -> list[Word]:
+    """Word times refined against the audio itself: each stretch of sound gets the
+    words heard in it, and their span is mapped onto the stretch (one affine map per
+    stretch), so the first word starts at the sound's onset, the last ends at its
+    offset, and the boundaries between them keep their proportions.
+
+    Why this and not the recogniser's times or a trim: Whisper's word times come from
+    cross-attention (DTW), not from the waveform, and run late: on the espeak clip of
+    `farm bench --quality`, phone starts were 75 ms late at the median (p90 150 ms),
+    and trimming a word to the sound inside it can only pull its edges in, never
+    earlier, so the mouth trailed the sound by two frames. The onsets and offsets of
+    sound are where a viewer checks sync (the first syllable after a pause, the last
+    before it), and they are measured here to 10 ms. A forced aligner would place
+    every phone, but none is available offline; inside a stretch the recogniser's
+    relative timing is kept. A stretch with no word keeps the mouth to what the
+    audio's loudness says (models.motion); a word in silence joins the nearest
+    stretch within 0.3 s, or is kept as heard.
+    """
+    stretches = sound_stretches(samples, rate)
+    if not stretches or not words:
+        return list(words)
+    owner = [_stretch_of(w, stretches) for w in words]
+    out = list(words)
+    for k, (onset, offset) in enumerate(stretches):
+        members = [i for i, o in enumerate(owner) if o == k]
+        if not members:
+            continue
+        first, last = words[members[0]].start, words[members[-1]].end
+        scale = (offset - onset) / (last - first) if last > first else 0.0
+        for i in members:
+            w = words[i]
+            start = onset + (w.start - first) * scale
+            end = onset + (w.end - first) * scale
+            out[i] = Word(w.text, start, max(end, start))
+    return out
+
+
+def _stretch_of(word: Word, stretches: list[tuple[float, float]]) -> int | None:
+    overlaps = [min(word.end, b) - max(word.start, a) for a, b in stretches]
+    best = int(np.argmax(overlaps))
+    if overlaps[best] > 0:
+        return best
+    # No overlap: the negative overlap is the distance to the stretch.
+    return best if -overlaps[best] <= _NEAREST_S else None
+
+
 _WORD_CHARS = re.compile(r"[^\w'’-]+")
 
 
@@ -229,7 +305,7 @@ def recognise_words(samples: np.ndarray, rate: int) -> list[Word]:
 
 def recognise(samples: np.ndarray, rate: int) -> Recognised:
     """Words with times and phones tiling the whole audio (mono int16)."""
-    words = trim_to_voice(recognise_words(samples, rate), voiced_frames(samples, rate))
+    words = align_to_sound(recognise_words(samples, rate), samples, rate)
     total = samples.size / rate
     timed = [(word_symbols(w.text), w.start, w.end) for w in words]
     return Recognised(words=words, phones=phones_for_words(timed, total))

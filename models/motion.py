@@ -2,9 +2,9 @@
 
 ``build_track`` is computed once per job by the plan stage, so everything
 time-dependent (smoothing, blinks, nods, gaze) lives here and chunks render
-without seams. The mouth depends only on the phones; the seed drives blinks,
-gaze, head and brows, through separate random streams so that one component's
-draws never shift another's.
+without seams. The mouth depends only on the phones and, when the plan has it, the
+job's audio; the seed drives blinks, gaze, head and brows, through separate random
+streams so that one component's draws never shift another's.
 
 Mouth model: each phone becomes one or more viseme segments (diphthongs glide),
 shifted ``LEAD_S`` earlier because lips form before the sound is heard. Targets
@@ -14,6 +14,15 @@ are applied: bilabial closures and long silences are pinned shut, and every
 mouth channel moves at most ``MOUTH_SPEED`` units per second. The pins are
 imposed as Lipschitz envelopes, which the speed limiter provably preserves, so
 closures survive the smoothing.
+
+With the audio (issue 14), the sound has the last word on when and how far: silences
+heard in it (>= PAUSE_S below a tenth of the loud level) are pinned shut whatever the
+phones say, the jaw of every frame is scaled by that frame's loudness relative to its
+stretch of speech, and quiet frames inside speech press the lips towards closure.
+Loudness is read on each frame's own span, so the energy-driven part has no lead and
+the viseme part keeps its LEAD_S: the mouth never trails the sound and leads it by at
+most a frame. The demo photo's own mouth is parted (0.063 of face height with every
+channel at 0, against 0.0004 with lip_press 1), so rest means lip_press, not zero.
 """
 
 from __future__ import annotations
@@ -57,8 +66,18 @@ _BLINK_SNAP_S = 0.6
 _BLINK_ASYMMETRY_P = 0.15
 
 
-def build_track(phones: list[Phone], seconds: float, fps: int, seed: int) -> np.ndarray:
-    """float32 (ceil(seconds*fps), len(CHANNELS)); identical for identical inputs."""
+def build_track(
+    phones: list[Phone],
+    seconds: float,
+    fps: int,
+    seed: int,
+    audio: tuple[np.ndarray, int] | None = None,
+) -> np.ndarray:
+    """float32 (ceil(seconds*fps), len(CHANNELS)); identical for identical inputs.
+
+    `audio`: the job's timeline (int16 mono samples, rate), when the caller has it. The
+    jaw then follows its loudness and its silences close the mouth, whatever the phones
+    say (see ``Loudness``)."""
     _validate(seconds, fps)
     times = (np.arange(frame_count(seconds, fps)) + 0.5) / fps  # frame centres
     phones = sorted(phones, key=lambda p: (p.start, p.end))
@@ -66,7 +85,8 @@ def build_track(phones: list[Phone], seconds: float, fps: int, seed: int) -> np.
     track = np.zeros((times.size, len(CHANNELS)), dtype=np.float64)
     if times.size == 0:
         return track.astype(np.float32)
-    track[:, list(MOUTH_INDEX)] = mouth_track(phones, times, fps)
+    loudness = Loudness.of(audio[0], audio[1], times, fps) if audio is not None else None
+    track[:, list(MOUTH_INDEX)] = mouth_track(phones, times, fps, loudness)
     pauses = pause_spans(phones, seconds)
     left, right = blink_track(streams[0], times, fps, pauses)
     track[:, CHANNEL_INDEX["blink_left"]] = left
@@ -209,9 +229,14 @@ def closure_spans(phones: list[Phone]) -> list[tuple[float, float, str]]:
 
 
 def _pins(
-    phones: list[Phone], seconds_end: float, fps: int, n: int
+    phones: list[Phone],
+    seconds_end: float,
+    fps: int,
+    n: int,
+    silences: list[tuple[float, float]] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper bounds (n, 7) the mouth must meet: closures and pauses."""
+    """Lower and upper bounds (n, 7) the mouth must meet: closures and pauses (from
+    the phones, shifted by LEAD_S; and `silences` heard in the audio, unshifted)."""
     lower = np.full((n, 7), -np.inf)
     upper = np.full((n, 7), np.inf)
     min_closure = max(2, math.ceil(MIN_CLOSURE_S * fps))
@@ -222,11 +247,17 @@ def _pins(
         upper[rows, _J["jaw_open"]] = 0.0
         upper[rows, _J["lower_lip_tuck"]] = 0.0
     relaxed = [c for c in range(7) if c not in (_J["jaw_open"], _J["lip_press"])]
-    for start, end in pause_spans(phones, seconds_end):
+    # A pause in the phones is pinned inside margins on the shifted timeline. A silence
+    # heard in the audio is pinned from just after the sound stops until the lips must
+    # part for the next one (LEAD_S before it): the speed limit lets them close within
+    # ~2 frames, so the mouth is shut for the rest of it.
+    spans = [
+        (start - LEAD_S + _PAUSE_MARGIN_S, end - LEAD_S - _PAUSE_MARGIN_S)
+        for start, end in pause_spans(phones, seconds_end)
+    ] + [(start + _SILENCE_CLOSE_S, end - LEAD_S - _SILENCE_OPEN_S) for start, end in silences]
+    for start, end in spans:
         start, end = max(start, -1.0), min(end, seconds_end + 1.0)
-        first, last = _frames_within(
-            start - LEAD_S + _PAUSE_MARGIN_S, end - LEAD_S - _PAUSE_MARGIN_S, fps
-        )
+        first, last = _frames_within(start, end, fps)
         rows = slice(max(first, 0), max(min(last, n - 1) + 1, 0))
         upper[rows, _J["jaw_open"]] = np.minimum(upper[rows, _J["jaw_open"]], _REST_JAW)
         upper[rows, relaxed] = np.minimum(upper[rows, relaxed], _REST_OTHER)
@@ -253,17 +284,118 @@ def limit_speed(values: np.ndarray, step: np.ndarray) -> np.ndarray:
     return out
 
 
-def mouth_track(phones: list[Phone], times: np.ndarray, fps: int) -> np.ndarray:
+def mouth_track(
+    phones: list[Phone], times: np.ndarray, fps: int, loudness: Loudness | None = None
+) -> np.ndarray:
     """(len(times), 7) mouth channels in MOUTH_CHANNELS order."""
     n = times.size
     seconds_end = float(times[-1] + 0.5 / fps) if n else 0.0
     blended = _blend(phones, times) if n else np.zeros((0, 7))
+    silences: list[tuple[float, float]] = []
+    if loudness is not None and n:
+        blended[:, _J["jaw_open"]] *= loudness.jaw_gain
+        press = blended[:, _J["lip_press"]]
+        blended[:, _J["lip_press"]] = np.maximum(press, loudness.quiet_press)
+        silences = loudness.silences
     step = np.minimum(1.0, np.asarray(MOUTH_SPEED) / fps)
-    lower, upper = _pins(phones, seconds_end, fps, n)
+    lower, upper = _pins(phones, seconds_end, fps, n, silences)
     upper = _upper_envelope(upper, step)
     lower = -_upper_envelope(-lower, step)
     constrained = np.clip(blended, lower, upper)
     return np.clip(limit_speed(constrained, step), 0.0, 1.0)
+
+
+# --- the job's audio ---------------------------------------------------------------------------
+
+# Loudness is read on 10 ms windows. A window is silent below SILENT_FRACTION of the
+# 95th-percentile window RMS (speech at its loud end, whatever the recording's level);
+# silent runs of at least PAUSE_S are silences. Within each stretch of speech between
+# silences, a frame's jaw opening is scaled by its RMS over the stretch's loud level
+# (its 90th percentile): from JAW_FLOOR for a whisper of sound to 1 at full voice.
+_LOUD_STEP_S = 0.01
+SILENT_FRACTION = 0.10
+JAW_FLOOR = 0.15
+QUIET_PRESS = 0.6
+QUIET_BELOW = 0.4
+_LOUD_PERCENTILE = 90
+_SILENCE_CLOSE_S = 0.02  # the lips close this long after the sound stops ...
+_SILENCE_OPEN_S = 0.02  # ... and start to part this long (plus LEAD_S) before it resumes
+
+
+class Loudness:
+    """What the job's audio says about the mouth, per frame: how loud (`jaw_gain`) and
+    where it is silent (`silences`, seconds). Pure function of the samples."""
+
+    def __init__(self, relative: np.ndarray, silences: list[tuple[float, float]]) -> None:
+        self.relative = relative  # per frame: RMS over its stretch's loud level, in [0, 1]
+        self.silences = silences
+
+    @property
+    def jaw_gain(self) -> np.ndarray:
+        """Jaw opening scale: JAW_FLOOR for a whisper of sound, 1 at full voice."""
+        return JAW_FLOOR + (1.0 - JAW_FLOOR) * self.relative
+
+    @property
+    def quiet_press(self) -> np.ndarray:
+        """Lip pressure the quiet frames of speech add (a consonant's near-closure, the
+        dip between syllables): QUIET_PRESS at no sound, none from QUIET_BELOW up."""
+        return QUIET_PRESS * np.clip(1.0 - self.relative / QUIET_BELOW, 0.0, 1.0)
+
+    @classmethod
+    def of(cls, samples: np.ndarray, rate: int, times: np.ndarray, fps: int) -> Loudness:
+        window = window_rms(samples, rate, _LOUD_STEP_S)
+        silences = silent_spans(window, _LOUD_STEP_S, PAUSE_S)
+        rms = frame_rms(samples, rate, times, fps)
+        relative = np.ones(times.size)
+        edges = [-math.inf] + [t for span in silences for t in span] + [math.inf]
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
+            inside = (times >= start) & (times < end)
+            if not inside.any():
+                continue
+            level = float(np.percentile(rms[inside], _LOUD_PERCENTILE))
+            if level > 0:
+                relative[inside] = np.clip(rms[inside] / level, 0.0, 1.0)
+        return cls(relative, silences)
+
+
+def window_rms(samples: np.ndarray, rate: int, step: float) -> np.ndarray:
+    """Linear RMS (full scale 1) of consecutive windows of `step` seconds."""
+    n = max(1, int(round(step * rate)))
+    x = np.asarray(samples, dtype=np.float64) / 32768.0
+    pad = (-x.size) % n
+    x = np.pad(x, (0, pad)).reshape(-1, n)
+    return np.sqrt((x**2).mean(axis=1))
+
+
+def frame_rms(samples: np.ndarray, rate: int, times: np.ndarray, fps: int) -> np.ndarray:
+    """RMS of the audio a frame spans ([t - 1/(2 fps), t + 1/(2 fps)) about its centre)."""
+    x = np.asarray(samples, dtype=np.float64) / 32768.0
+    out = np.zeros(times.size)
+    for i, t in enumerate(times):
+        a = max(int(round((t - 0.5 / fps) * rate)), 0)
+        b = min(int(round((t + 0.5 / fps) * rate)), x.size)
+        if b > a:
+            out[i] = math.sqrt(float(np.mean(x[a:b] ** 2)))
+    return out
+
+
+def silent_spans(window: np.ndarray, step: float, minimum: float) -> list[tuple[float, float]]:
+    """Runs of quiet windows at least `minimum` seconds long, as (start, end) seconds;
+    a run touching either end of the audio extends to +-infinity."""
+    if window.size == 0:
+        return []
+    loud = float(np.percentile(window, 95))
+    quiet = window < SILENT_FRACTION * loud if loud > 0 else np.ones(window.size, bool)
+    padded = np.concatenate([[False], quiet, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    spans = []
+    for a, b in zip(edges[::2], edges[1::2], strict=True):
+        if (b - a) * step + 1e-9 < minimum:
+            continue
+        start = -math.inf if a == 0 else a * step
+        end = math.inf if b == window.size else b * step
+        spans.append((start, end))
+    return spans
 
 
 # --- timing helpers shared by the face ---------------------------------------------------------

@@ -8,10 +8,11 @@ track, because blinks are random by design and the plan is their only record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from farm.quality import face_landmarks  # noqa: F401  (the project's own measure)
 from models.base import Phone
 
 # FaceMesh indices (canonical 468-point mesh; the same with refine_landmarks=True).
@@ -25,34 +26,6 @@ LEFT_EYE = {"upper": 386, "lower": 374, "outer": 263, "inner": 362}
 # stress removed; length marks stay on the phone ("ɑː"), so match the first letter.
 BILABIAL = frozenset("pbm")
 OPEN_VOWEL = frozenset("aɑæʌ")
-
-
-def face_landmarks(frames: Iterable[np.ndarray]) -> np.ndarray:
-    """(n, 478, 2) pixel landmarks per RGB frame, tracked from frame to frame.
-
-    refine_landmarks=True runs the attention mesh, whose lip and eyelid contours
-    follow a closed mouth and a closed eye; the plain mesh barely moves on either
-    (measured on the demo avatar: eye aspect 0.36 -> 0.28 in a full blink, against
-    0.36 -> 0.07 with refinement). static_image_mode=False tracks between frames,
-    which is both faster and what a viewer's eye does.
-    """
-    import mediapipe as mp
-
-    out = []
-    with mp.solutions.face_mesh.FaceMesh(
-        static_image_mode=False,
-        max_num_faces=1,
-        refine_landmarks=True,
-        min_detection_confidence=0.5,
-        min_tracking_confidence=0.5,
-    ) as mesh:
-        for index, frame in enumerate(frames):
-            result = mesh.process(np.ascontiguousarray(frame))
-            assert result.multi_face_landmarks, f"no face found in rendered frame {index}"
-            h, w = frame.shape[:2]
-            points = result.multi_face_landmarks[0].landmark
-            out.append([(p.x * w, p.y * h) for p in points])
-    return np.asarray(out, dtype=np.float64)
 
 
 def _distance(points: np.ndarray, a: int, b: int) -> np.ndarray:

@@ -178,10 +178,11 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         segments = [(seg.idx, seg.pause_after_ms) for seg in queries.get_segments(s, job_id)]
         avatar_name, renderer_name, options = job.avatar, job.renderer, job.options
         fps, size, seed, chunk_frames = job.fps, (job.width, job.height), job.seed, job.chunk_frames
+        lead_in, tail = jobs.padding(bool(job.audio_key))
     samples, rate, phones = assemble_audio(
         [_stored_segment(ctx, job_id, idx, pause_ms) for idx, pause_ms in segments],
-        jobs.LEAD_IN_SECONDS,
-        jobs.TAIL_SECONDS,
+        lead_in,
+        tail,
     )
     seconds = len(samples) / rate
     # Submission checked an estimate; the spoken length is exact. InvalidInput is a

@@ -78,7 +78,8 @@ class PortraitRenderer:
     ) -> Plan:
         from models.motion import build_track  # written beside this backend; import late
 
-        track = build_track(phones, speech_seconds, fps, seed)
+        timeline = None if audio is None else (audio.samples, audio.sample_rate)
+        track = build_track(phones, speech_seconds, fps, seed, timeline)
         width, height = size
         return Plan(fps=fps, width=width, height=height, seed=seed, track=track)
 

@@ -397,7 +397,7 @@ AUDIO_CASES = [
         "more frames than the limit",
         tone_wav(3.0),
         {"FARM_MAX_JOB_FRAMES": "50"},
-        "a.wav makes a video of 95 frames (4 s at 25 fps); the limit is 50 frames",
+        "a.wav makes a video of 75 frames (3 s at 25 fps); the limit is 50 frames",
     ),
 ]
 

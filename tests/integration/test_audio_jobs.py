@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 
 from farm import audio as audio_input
-from farm import jobs
 from farm.cli import main
 from farm.media import ffmpeg_exe
 from tests.conftest import job_rows
@@ -134,10 +133,12 @@ def test_audio_job_end_to_end(recording, tmp_path):
     p = probe(out)
     assert p.video_codec == "h264" and p.audio_codec == "aac"
     assert (p.width, p.height) == (128, 128)
-    # the input, plus the lead-in and tail every job's timeline gets
-    expected = recording["seconds"] + jobs.LEAD_IN_SECONDS + jobs.TAIL_SECONDS
-    assert abs(p.audio_seconds - expected) < 0.1, (p.audio_seconds, expected)
-    assert abs(p.video_seconds - p.audio_seconds) <= 1 / 25 + 0.05
+    # Issue 14: the user's timing is kept. No lead-in or tail is added: the audio is the
+    # input's (AAC adds at most its priming, which the edit list hides) and the video is
+    # as long as the input to the frame (it used to be 0.8 s longer).
+    expected = recording["seconds"]
+    assert abs(p.audio_seconds - expected) < 0.03, (p.audio_seconds, expected)
+    assert abs(p.video_seconds - expected) <= 1 / 25 + 1e-3, (p.video_seconds, expected)
 
 
 # --- bad audio ---------------------------------------------------------------

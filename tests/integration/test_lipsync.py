@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from farm import jobs
+from farm import jobs, quality
 from farm.config import Settings
 from farm.media import FrameEncoder, VideoFormat, join_and_encode
 from farm.script import split_script
@@ -72,6 +72,13 @@ OPEN_EACH_MIN = 0.16
 OPEN_MEDIAN_MIN = 0.30  # median peak measured 0.39 - 0.40
 PAUSE_STILL_MAX = 0.03  # gap range within one pause measured <= 0.009
 
+# Issue 14's figures, measured by farm/quality.py on this clip. Planned from the phones
+# alone (as before issue 14) it measures sync corr 0.66 at lag 0 and closed in 82% of 44
+# silent frames; with the audio, 0.83 at lag 0 and 100%. The issue's target is corr 0.6
+# on its benchmark; this short bilabial clip is held to more, between the two figures.
+SYNC_CORR_MIN = 0.75
+CLOSED_IN_SILENCE_MIN = 0.95
+
 # Eye aspect ratio (lid opening / eye width), relative to the median over frames with
 # no blink. Measured: open median 0.355 - 0.363, every open frame >= 0.90 of it; fully
 # closed frames 0.13 - 0.35 of it.
@@ -101,6 +108,10 @@ class Speech:
     @property
     def seconds(self) -> float:
         return len(self.samples) / self.rate
+
+    def as_audio(self) -> tts.Speech:
+        """The timeline as the plan stage hands it to the renderer."""
+        return tts.Speech(samples=self.samples, sample_rate=self.rate, phones=self.phones)
 
 
 @dataclass(repr=False)  # arrays: keep failure reports readable
@@ -157,7 +168,9 @@ def avatar(renderer: PortraitRenderer) -> PortraitAvatar:
 @pytest.fixture(scope="module")
 def clip(renderer: PortraitRenderer, avatar: PortraitAvatar) -> Clip:
     speech = speak(SCRIPT)
-    plan = renderer.plan(avatar, speech.seconds, speech.phones, FPS, (SIZE, SIZE), SEED)
+    plan = renderer.plan(
+        avatar, speech.seconds, speech.phones, FPS, (SIZE, SIZE), SEED, speech.as_audio()
+    )
     return render_clip(renderer, avatar, speech, plan)
 
 
@@ -276,6 +289,35 @@ def check_lips_closed_in_pauses(clip: Clip) -> None:
     )
 
 
+def sync_figures(clip: Clip) -> quality.Figures:
+    """Issue 14's figures (farm/quality.py): mouth opening over face height against the
+    RMS of the clip's own audio under each frame."""
+    speech = clip.speech
+    opening = quality.mouth_opening(clip.points)
+    rms = quality.frame_rms(speech.samples / 32768.0, speech.rate, len(opening), FPS)
+    return quality.figures(opening, rms, FPS, len(opening) / FPS, speech.seconds)
+
+
+def check_mouth_follows_the_sound(clip: Clip) -> None:
+    """Issue 14: opening correlates with loudness at >= SYNC_CORR_MIN, at a lag where
+    the mouth leads by at most a frame and never trails (see SYNC_CORR_MIN)."""
+    fig = sync_figures(clip)
+    by_lag = {k: round(v, 3) for k, v in fig.corr_by_lag.items()}
+    assert fig.best_lag in (0, 1), f"best lag {fig.best_lag} frames (corr by lag {by_lag})"
+    assert fig.sync_corr >= SYNC_CORR_MIN, f"sync corr {fig.sync_corr:.3f} (by lag {by_lag})"
+
+
+def check_mouth_closed_in_silence(clip: Clip) -> None:
+    """Issue 14: closed (within 15% of the opening's range above its minimum) in at
+    least CLOSED_IN_SILENCE_MIN of the frames of silences >= 300 ms heard in the audio
+    (82% on this clip before the change, 67-91% on the benchmark's text jobs)."""
+    fig = sync_figures(clip)
+    assert fig.silent_frames >= 20, "the clip should have long silences"
+    assert fig.closed_in_silence >= CLOSED_IN_SILENCE_MIN, (
+        f"closed in {100 * fig.closed_in_silence:.0f}% of {fig.silent_frames} silent frames"
+    )
+
+
 def check_eyes_close_on_blinks_only(clip: Clip) -> None:
     right, left = measure.eye_aspect(clip.points)
     # blink_left is the subject's left eye, which FaceMesh calls LEFT_EYE as well.
@@ -316,6 +358,14 @@ def test_mouth_rests_in_pauses(clip: Clip) -> None:
 
 def test_lips_closed_in_pauses(clip: Clip) -> None:
     check_lips_closed_in_pauses(clip)
+
+
+def test_mouth_follows_the_sound(clip: Clip) -> None:
+    check_mouth_follows_the_sound(clip)
+
+
+def test_mouth_closed_in_silence(clip: Clip) -> None:
+    check_mouth_closed_in_silence(clip)
 
 
 def test_eyes_close_on_blinks_only(clip: Clip) -> None:

@@ -77,3 +77,44 @@ def test_word_without_phones_is_silence():
 )
 def test_clean_word(raw, clean):
     assert clean_word(raw) == clean
+
+
+# --- word times refined against the audio (issue 14) --------------------------------------
+
+
+def _bursts(spans: list[tuple[float, float]], seconds: float, rate: int = 16_000):
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    out = np.zeros(t.size)
+    for start, end in spans:
+        inside = (t >= start) & (t < end)
+        out[inside] = 0.4 * np.sin(2 * np.pi * 180 * t[inside])
+    return (out * 32767).astype(np.int16), rate
+
+
+def test_late_word_times_move_onto_the_sound():
+    from models.asr import Word, align_to_sound
+
+    samples, rate = _bursts([(0.5, 1.5), (2.2, 3.0)], 3.5)
+    # Word times 120 ms late, as Whisper's attention times run (measured ~75 ms median).
+    heard = [Word("a", 0.62, 1.0), Word("b", 1.0, 1.62), Word("c", 2.32, 3.12)]
+    a, b, c = align_to_sound(heard, samples, rate)
+    assert a.start == pytest.approx(0.5, abs=0.011) and b.end == pytest.approx(1.5, abs=0.011)
+    assert c.start == pytest.approx(2.2, abs=0.011) and c.end == pytest.approx(3.0, abs=0.011)
+    assert a.end == pytest.approx(b.start) and 0.5 < a.end < 1.5  # proportions kept
+    # Trimming to the sound inside a word (the recogniser's edges pulled in) could not
+    # move the onsets earlier: the mouth trailed the sound.
+    from models.asr import trim_to_voice, voiced_frames
+
+    trimmed = trim_to_voice(heard, voiced_frames(samples, rate))
+    assert trimmed[0].start >= 0.6 and trimmed[2].start >= 2.3
+
+
+def test_word_far_from_any_sound_is_kept_as_heard():
+    from models.asr import Word, align_to_sound
+
+    samples, rate = _bursts([(0.5, 1.0)], 3.0)
+    heard = [Word("a", 0.55, 1.05), Word("ghost", 2.2, 2.5)]
+    a, ghost = align_to_sound(heard, samples, rate)
+    assert a.start == pytest.approx(0.5, abs=0.011) and ghost == heard[1]

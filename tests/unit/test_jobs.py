@@ -47,3 +47,12 @@ def test_photo_size_is_resolved_later():
     from farm.jobs import PHOTO_SIZE
 
     assert parse_size("photo") == PHOTO_SIZE == (0, 0)
+
+
+def test_audio_jobs_keep_the_users_timing():
+    # Issue 14: an audio job's timeline is the recording as it is; a script's TTS gets
+    # a lead-in and a tail.
+    from farm import jobs
+
+    assert jobs.padding(audio_job=True) == (0.0, 0.0)
+    assert jobs.padding(audio_job=False) == (jobs.LEAD_IN_SECONDS, jobs.TAIL_SECONDS)

@@ -333,3 +333,83 @@ def test_brows_lift_on_emphasis_only() -> None:
         raised += build_track(emphatic, 2.4, 25, seed)[vowel, BROW].max() > 0.3
         assert build_track(plain, 2.4, 25, seed)[:, BROW].max() == 0
     assert raised >= 6
+
+
+# --- the job's audio (issue 14) ----------------------------------------------------------------
+
+RATE = 16_000
+
+
+def voice(spans: list[tuple[float, float, float]], seconds: float) -> tuple[np.ndarray, int]:
+    """int16 audio: a 150 Hz buzz at `level` (of full scale) over each (start, end, level),
+    silence elsewhere."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    out = np.zeros(t.size)
+    for start, end, level in spans:
+        inside = (t >= start) & (t < end)
+        out[inside] = level * np.sign(np.sin(2 * np.pi * 150 * t[inside]))
+    return (out * 32767).astype(np.int16), RATE
+
+
+def test_silence_in_the_audio_closes_the_mouth_whatever_the_phones_say() -> None:
+    # The phones say one long vowel; the audio is silent for 600 ms in its middle
+    # (a recogniser that stretched a word over a pause).
+    phones = timeline([("_", 0.3), ("ɑː", 1.8, 2), ("_", 0.4)])
+    audio = voice([(0.3, 0.9, 0.5), (1.5, 2.1, 0.5)], 2.5)
+    track = build_track(phones, 2.5, 25, seed=0, audio=audio)
+    silent = frames_in(0.9 + 0.08, 1.5 - 0.08, 25)  # the measure leaves 2 frames each side
+    assert track[silent, PRESS].min() >= 0.95 and track[silent, JAW].max() <= 0.05
+    # Without the audio the phones alone leave the mouth open there (how it was).
+    alone = build_track(phones, 2.5, 25, seed=0)
+    assert alone[silent, JAW].min() > 0.5
+
+
+def test_jaw_follows_loudness_within_a_stretch_of_speech() -> None:
+    # Identical syllables, no pause; the second half is spoken at a third of the level.
+    spec: list = [("_", 0.3)] + [("d", 0.08), ("ɑː", 0.2, 2)] * 8 + [("_", 0.4)]
+    phones = timeline(spec)
+    seconds = phones[-1].end
+    vowels = [p for p in phones if p.symbol == "ɑː"]
+    level = [(p.start - 0.08, p.end, 0.6 if k < 4 else 0.2) for k, p in enumerate(vowels)]
+    track = build_track(phones, seconds, 25, seed=0, audio=voice(level, seconds))
+
+    def peak(p: Phone) -> float:
+        return float(track[frames_in(p.start, p.end, 25), JAW].max())
+
+    loud = [peak(p) for p in vowels[1:4]]
+    quiet = [peak(p) for p in vowels[5:8]]
+    assert min(loud) > 0.6
+    assert max(quiet) < 0.6 * min(loud), (loud, quiet)
+
+
+def test_louder_open_and_stressed_vowels_open_wider_with_audio() -> None:
+    phones = timeline(
+        [("_", 0.4), ("ɑː", 0.25, 2), ("t", 0.08), ("ɑː", 0.25, 0), ("t", 0.08), ("ə", 0.25)]
+        + [("_", 0.4)]
+    )
+    seconds = phones[-1].end
+    audio = voice([(0.4, phones[-1].start, 0.5)], seconds)  # one level throughout
+    track = build_track(phones, seconds, 25, seed=0, audio=audio)
+    stressed, unstressed, schwa = (
+        float(track[frames_in(p.start, p.end, 25), JAW].max()) for p in phones[1:6:2]
+    )
+    assert stressed > unstressed + 0.05 and unstressed > schwa + 0.2
+
+
+def test_mouth_opens_at_most_a_frame_before_the_sound_after_silence() -> None:
+    phones = timeline([("_", 0.7), ("ɑː", 0.4, 2), ("_", 0.7)])
+    # The recogniser put the vowel 120 ms early; the audio says when it sounds.
+    audio = voice([(0.82, 1.22, 0.5)], 1.8)
+    track = build_track(phones, 1.8, 25, seed=0, audio=audio)
+    first_open = int(np.flatnonzero(track[:, JAW] > 0.1)[0])
+    onset_frame = int(0.82 * 25)  # the frame whose span holds the onset
+    assert first_open >= onset_frame - 1, (first_open, onset_frame)
+
+
+def test_same_audio_same_track() -> None:
+    phones = timeline(BOB_MET_PAM)
+    seconds = phones[-1].end
+    audio = voice([(0.5, 1.37, 0.4)], seconds)
+    a = build_track(phones, seconds, 25, seed=5, audio=audio)
+    b = build_track(phones, seconds, 25, seed=5, audio=(audio[0].copy(), RATE))
+    assert np.array_equal(a, b)

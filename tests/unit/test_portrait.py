@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from farm.errors import InvalidInput, PermanentError
-from models.base import CHANNEL_INDEX, CHANNELS, Plan
+from models.base import CHANNEL_INDEX, CHANNELS, Plan, Speech
 from models.portrait import PortraitAvatar, PortraitRenderer, demo_photo
 from models.portrait.controls import points_in_polygon
 from models.portrait.fields import FIELD_CHANNELS
@@ -202,16 +202,20 @@ def test_render_writes_each_batch_and_stops_when_the_sink_raises(avatar):
 def test_plan_wraps_the_motion_track(avatar, monkeypatch):
     calls = []
 
-    def build_track(phones, seconds, fps, seed):
-        calls.append((phones, seconds, fps, seed))
+    def build_track(phones, seconds, fps, seed, audio=None):
+        calls.append((phones, seconds, fps, seed, audio))
         return np.zeros((int(np.ceil(seconds * fps)), len(CHANNELS)), dtype=np.float32)
 
     monkeypatch.setitem(
         sys.modules, "models.motion", types.SimpleNamespace(build_track=build_track)
     )
     plan = PortraitRenderer().plan(avatar, 2.0, [], 25, (640, 480), 3)
-    assert calls == [([], 2.0, 25, 3)]
+    assert calls == [([], 2.0, 25, 3, None)]
     assert (plan.frame_count, plan.width, plan.height, plan.seed, plan.fps) == (50, 640, 480, 3, 25)
+    # The job's audio reaches the motion (issue 14: the mouth follows the sound).
+    samples = np.zeros(100, np.int16)
+    PortraitRenderer().plan(avatar, 2.0, [], 25, (640, 480), 3, Speech(samples, 16_000))
+    assert calls[-1][4][0] is samples and calls[-1][4][1] == 16_000
 
 
 @pytest.mark.gpu
