@@ -243,8 +243,8 @@ def _check_seed(seed: int | None) -> None:
     "--eyes",
     type=click.Choice(["natural", "still"]),
     default=None,
-    help="gaussiantalker: natural (the irises move: fixations and saccades) or still "
-    "[default: natural].",
+    help="ditto, gaussiantalker: natural (the irises move: fixations and saccades) or "
+    "still [default: natural].",
 )
 @click.option(
     "--emotion",

@@ -460,3 +460,46 @@ def _move_eye(
     blended = image[inner] + fade * (moved - image[inner])
     result = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return np.where(fade > 0, result, crop)
+
+
+# --- regions under a motion, and in storage ----------------------------------------------
+
+
+def transform_eye(eye: Eye, matrix: Any) -> Eye:
+    """The eye mapped by an affine map of pixel coordinates, a (2, 3) or (3, 3) matrix
+    acting on column vectors (x, y, 1): centre and opening map exactly; the radius scales
+    by sqrt(|det|) of the linear part (its mean stretch; a sheared iris stays a disk)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape not in ((2, 3), (3, 3)) or not np.isfinite(m).all():
+        raise InvalidInput(f"expected a finite (2, 3) or (3, 3) affine matrix, got {m.shape}")
+    linear, shift = m[:2, :2], m[:2, 2]
+    centre = linear @ np.asarray(eye.centre, dtype=np.float64) + shift
+    opening = eye.opening.astype(np.float64) @ linear.T + shift
+    radius = eye.radius * math.sqrt(abs(float(np.linalg.det(linear))))
+    return Eye(centre=tuple(centre), radius=radius, opening=opening)
+
+
+def transform_regions(regions: EyeRegions, matrix: Any) -> EyeRegions:
+    """Both eyes mapped by one affine map (see `transform_eye`)."""
+    return EyeRegions(
+        left=transform_eye(regions.left, matrix), right=transform_eye(regions.right, matrix)
+    )
+
+
+def regions_to_arrays(regions: EyeRegions) -> dict[str, np.ndarray]:
+    """Plain arrays for storage (an npz): `iris` float32 (2, 3) = (x, y, radius) of the
+    left and right eye, `left_opening` and `right_opening` float32 (K, 2)."""
+    iris = np.array([[*e.centre, e.radius] for e in regions.eyes], dtype=np.float32)
+    return {
+        "iris": iris,
+        "left_opening": regions.left.opening.astype(np.float32),
+        "right_opening": regions.right.opening.astype(np.float32),
+    }
+
+
+def regions_from_arrays(arrays: Any) -> EyeRegions:
+    """The inverse of `regions_to_arrays` (any mapping with those keys)."""
+    iris = np.asarray(arrays["iris"], dtype=np.float64).reshape(2, 3)
+    left = Eye(centre=tuple(iris[0, :2]), radius=iris[0, 2], opening=arrays["left_opening"])
+    right = Eye(centre=tuple(iris[1, :2]), radius=iris[1, 2], opening=arrays["right_opening"])
+    return EyeRegions(left=left, right=right)

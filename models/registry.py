@@ -26,8 +26,9 @@ RENDERERS: dict[str, tuple[str, str, bool]] = {
 }
 # Per-job options a backend takes, with their ranges (`farm submit --ditto-steps`).
 RENDERER_OPTIONS: dict[str, dict[str, tuple[int, int]]] = {
-    "ditto": {"steps": (1, 1000), "emotion": (0, 7)},
-    "gaussiantalker": {"eyes": (0, 1)},  # 1 natural (living eyes), 0 still
+    # eyes: 1 natural (living eyes), 0 still; portrait animates its gaze itself
+    "ditto": {"steps": (1, 1000), "emotion": (0, 7), "eyes": (0, 1)},
+    "gaussiantalker": {"eyes": (0, 1)},
 }
 # Ditto's emotion classes, by their index in its condition (upstream's order).
 DITTO_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise", "contempt")

@@ -21,9 +21,9 @@ def build(ctx: Context, renderer_name: str, avatar_names: list[str]) -> list[Pat
     """The engines `renderer_name` renders with on this machine, built now unless they
     are cached: one per worker for ditto, one per avatar for gaussiantalker."""
     renderer = renderer_for(ctx, renderer_name)
+    avatars = [load_avatar(ctx, name, renderer_name) for name in avatar_names]
     if not hasattr(renderer, "build_engines"):
         raise InvalidInput(f"the {renderer_name} renderer builds no engines ahead of a job")
-    avatars = [load_avatar(ctx, name, renderer_name) for name in avatar_names]
     return list(renderer.build_engines(avatars))
 
 

@@ -11,6 +11,8 @@ the neutral values below are used and the caller is told.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 # Landmark indices of MediaPipe's 478-point mesh.
@@ -68,8 +70,18 @@ def landmarks478(rgb: np.ndarray) -> np.ndarray | None:
 def measure(crop_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """(open, ball, measured): the crop's eye values, or the neutral ones (measured
     False) where the face mesh finds no face."""
+    opened, ball, regions = measure_with_regions(crop_rgb)
+    return opened, ball, regions is not None
+
+
+def measure_with_regions(crop_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(open, ball, regions): as `measure`, from one run of the face mesh, with the
+    crop's eye regions for the living eyes (models/eyes.py EyeRegions, crop pixels), or
+    None (and the neutral values) where it finds no face."""
+    from models.eyes import eye_regions_from_mediapipe
+
     points = landmarks478(crop_rgb)
     if points is None:
-        return NEUTRAL_OPEN.copy(), NEUTRAL_BALL.copy(), False
+        return NEUTRAL_OPEN.copy(), NEUTRAL_BALL.copy(), None
     opened, ball = eye_values(points)
-    return opened, ball, True
+    return opened, ball, eye_regions_from_mediapipe(points)

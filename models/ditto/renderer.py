@@ -12,7 +12,10 @@ keypoints x_d, so each frame is a pure function of (avatar, plan, frame index).
 
 Render: frames [start, stop) in batches through warp -> decoder (fp16 on CUDA, fp32
 on CPU), then the 512 crop letterboxed to the job's size, or pasted back into the
-photo through the feathered mask (`--size photo`), on the device.
+photo through the feathered mask (`--size photo`), on the device. With living eyes
+(`--eyes natural`, the default) the plan also holds a seeded gaze track, and each frame's
+irises are moved by it on the host, inside the crop's eye regions carried along with the
+head (models/ditto/gaze.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 
 from farm.errors import PermanentError
 from models.base import FrameSink, Phone, Plan, RenderStats, Speech
+from models.eyes import EyeRegions, regions_from_arrays, regions_to_arrays
 from models.frames import FrameWriter
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,9 @@ class DittoAvatar:
     x_s: np.ndarray  # float32 [21, 3]: the posed source keypoints
     eye_open: np.ndarray  # float32 [2]
     eye_ball: np.ndarray  # float32 [6]
+    # The crop's eyes for the living eyes (models/eyes.py, crop pixels); None where the
+    # face mesh found none, or in an avatar stored before they were kept: no living eyes.
+    eye_regions: EyeRegions | None = None
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -69,6 +76,7 @@ class DittoAvatar:
             eye_open=self.eye_open,
             eye_ball=self.eye_ball,
             **{f"source_{k}": v for k, v in self.source.items()},
+            **({} if self.eye_regions is None else _eye_arrays(self.eye_regions)),
         )
         return buf.getvalue()
 
@@ -76,19 +84,39 @@ class DittoAvatar:
     def from_bytes(cls, data: bytes) -> DittoAvatar:
         with np.load(io.BytesIO(data)) as z:
             source = {k: z[f"source_{k}"] for k in SOURCE_KEYS}
+            eyes = {k.removeprefix("eyes_"): z[k] for k in z.files if k.startswith("eyes_")}
             return cls(
-                z["photo"], z["m_c2o"], z["f_s"], source, z["x_s"], z["eye_open"], z["eye_ball"]
+                z["photo"],
+                z["m_c2o"],
+                z["f_s"],
+                source,
+                z["x_s"],
+                z["eye_open"],
+                z["eye_ball"],
+                eye_regions=regions_from_arrays(eyes) if eyes else None,
             )
 
 
 class DittoRenderer:
     name = "ditto"
+    # The path it renders on, "tensorrt" | "cuda" | "cpu", and why: load() chooses it
+    # (models/engines.py); a failed TensorRT engine turns "tensorrt" into "cuda".
+    backend = "cpu"
+    backend_reason = "not loaded"
 
     def __init__(
-        self, batch_size: int = 16, steps: int = 0, emotion: int = -1, engine_dir: str = ""
+        self,
+        batch_size: int = 16,
+        steps: int = 0,
+        emotion: int = -1,
+        engine_dir: str = "",
+        eyes: str = "natural",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if eyes not in ("natural", "still"):
+            raise ValueError(f"eyes must be natural or still, got {eyes!r}")
+        self.eyes = eyes  # the living eyes of jobs that do not say (`submit --eyes`)
         self.batch_size = batch_size
         self.steps, self.emotion = steps, emotion  # 0 / -1: the checkpoint config's
         self.engine_dir = Path(engine_dir) if engine_dir else None  # TensorRT engine cache
@@ -103,18 +131,23 @@ class DittoRenderer:
 
     def load(self, model_dir: Path, device: str = "auto") -> None:
         """The checkpoints under `model_dir` (FARM_DITTO_DIR), checked and loaded once
-        per worker process; the networks stay warm across jobs."""
+        per worker process; the networks stay warm across jobs. Chooses the path and
+        says which: TensorRT (its engine found or built on the first render, under
+        `engine_dir`), PyTorch CUDA (fp16) or the CPU (fp32)."""
         from models.ditto.checkpoints import load_networks, open_checkpoints
+        from models.engines import backend_choice
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        choice = backend_choice(device)
+        self.backend, self.backend_reason = choice.path, choice.reason
+        self.device = torch.device(choice.device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.root = Path(model_dir)
         checkpoints = open_checkpoints(self.root)
         self.config = checkpoints.config
+        self.checkpoint_sha256 = checkpoints.sha256  # by role: names the engine's weights
         self.nets = load_networks(checkpoints, self.device)
-        log.info("ditto renderer: checkpoints %s on %s (%s)", self.root, self.device, self.dtype)
+        self._engine: Any = None  # the TensorRT engine, made on first use
+        log.info("ditto renderer: using %s (%s)", choice.path, choice.reason)
 
     def aux(self, role: str) -> Any:
         """An ONNX aux model (detector, landmark106, landmark203, hubert) from the
@@ -145,9 +178,9 @@ class DittoRenderer:
         lmk203 = self.aux("landmark203")(face224, np.linalg.inv(m224))
         m_o2c = crop.crop_matrix(lmk203, CROP, scale=2.3, vx=0.0, vy=-0.125)
         face = crop.warp(photo, m_o2c, (CROP, CROP))
-        eye_open, eye_ball, measured = eyes.measure(face)
-        if not measured:
-            log.warning("ditto: the face mesh found no eyes in the crop; neutral eye values")
+        eye_open, eye_ball, eye_regions = eyes.measure_with_regions(face)
+        if eye_regions is None:
+            log.warning("ditto: no eyes found in the crop: neutral eye values, no living eyes")
         small = _to_chw256(face)
         with torch.inference_mode():
             f_s = self.nets["appearance"](small.to(self.device))[0]
@@ -164,6 +197,7 @@ class DittoRenderer:
             x_s=x_s,
             eye_open=eye_open,
             eye_ball=eye_ball,
+            eye_regions=eye_regions,
         )
 
     def avatar_from_bytes(self, data: bytes) -> DittoAvatar:
@@ -193,6 +227,7 @@ class DittoRenderer:
         features = self.aux("hubert").features(audio16k)
         motion_frames = math.ceil(speech_seconds * MOTION_FPS)
         features = _fit(features, motion_frames)
+        living_eyes = (options or {}).get("eyes", 1 if self.eyes == "natural" else 0) == 1
         options = self.options(options or {})
         with torch.inference_mode():
             motion = sample_motion(
@@ -211,7 +246,16 @@ class DittoRenderer:
         _, x_d = stitch_plan(avatar.source, driving, self.stitch, seed, blink_shapes)
         frames = math.ceil(speech_seconds * fps)
         track = resample_frames(x_d.reshape(len(x_d), 63), MOTION_FPS, fps, frames)
-        return Plan(fps, size[0], size[1], seed, track.astype(np.float32), X_D)
+        arrays: dict[str, np.ndarray] = {}
+        if living_eyes and avatar.eye_regions is not None:
+            # The living eyes: the seeded gaze [frames, 2] in iris radii, faded while
+            # the lids close on the same blink schedule (models/ditto/gaze.py). Kept out
+            # of the track so that its channels stay the keypoints.
+            from models.ditto.gaze import eye_openness, plan_gaze
+
+            opened = eye_openness(blink_shapes, len(x_d), MOTION_FPS, seed, fps, frames)
+            arrays["gaze"] = plan_gaze(frames, fps, seed, opened)
+        return Plan(fps, size[0], size[1], seed, track.astype(np.float32), X_D, arrays)
 
     def options(self, job: dict[str, int]) -> dict[str, Any]:
         """LMDM's sampling options: the job's (`submit --ditto-steps/--emotion`), else
@@ -255,7 +299,7 @@ class DittoRenderer:
         track = torch.from_numpy(np.ascontiguousarray(plan.track[frames.start : frames.stop]))
         track = track.to(self.device).reshape(-1, 21, 3)
         draw = self.drawer(avatar, plan.width, plan.height)
-        writer = FrameWriter(sink, self.device)
+        writer = FrameWriter(self._living_eyes(avatar, plan, frames, sink), self.device)
         try:
             for first in range(0, len(frames), self.batch_size):
                 writer.put(draw(track[first : first + self.batch_size]))
@@ -264,6 +308,34 @@ class DittoRenderer:
             writer.abort()
             raise
         return RenderStats(len(frames), time.perf_counter() - started, str(self.device))
+
+    def _living_eyes(
+        self, avatar: DittoAvatar, plan: Plan, frames: range, sink: FrameSink
+    ) -> FrameSink:
+        """The sink, or where the plan has a gaze track and the avatar its eyes, a sink
+        that first moves the irises of each frame on the host (models/ditto/gaze.py),
+        in the writer thread, so the move overlaps the next batch's render."""
+        gaze = plan.arrays.get("gaze")
+        if gaze is None or avatar.eye_regions is None:
+            return sink
+        from models.ditto.gaze import GazeSink, letterbox_matrix, paste_matrix
+
+        if len(gaze) != plan.frame_count:
+            raise PermanentError("this plan's gaze track does not cover its frames")
+        size = (plan.width, plan.height)
+        # The same choice as drawer(): the whole photo, or the crop letterboxed.
+        if size == avatar.photo_size and size != (CROP, CROP):
+            to_frame = paste_matrix(avatar.m_c2o)
+        else:
+            to_frame = letterbox_matrix(*size)
+        return GazeSink(
+            sink,
+            avatar.eye_regions,
+            avatar.x_s,
+            plan.track[frames.start : frames.stop],
+            gaze[frames.start : frames.stop],
+            to_frame,
+        )
 
     def drawer(self, avatar: DittoAvatar, width: int, height: int) -> Any:
         """Driving keypoints [B, 21, 3] on the device -> uint8 frames [B, h, w, 3]."""
@@ -280,13 +352,45 @@ class DittoRenderer:
         On the CPU one frame at a time: oneDNN picks its convolution kernels by batch
         size, so a batched frame could differ in the last bits from the same frame
         rendered alone, and a frame must not depend on the chunk it falls in. On CUDA
-        the batch runs as one, in fp16, for speed."""
+        the batch runs as one, in fp16, for speed; on the TensorRT path, through the
+        engine (models/ditto/export.py)."""
+        if self.backend == "tensorrt" and (engine := self.engine()) is not None:
+            return engine(f_s, x_s, x_d)
         if self.device.type == "cpu" and x_d.shape[0] > 1:
             return torch.cat([self.crops(f_s, x_s, x_d[i : i + 1]) for i in range(len(x_d))])
         n = x_d.shape[0]
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype == torch.float16):
             feature = self.nets["warp"](f_s.expand(n, -1, -1, -1, -1), x_s.expand(n, -1, -1), x_d)
             return self.nets["decoder"](feature).float().clamp(0, 1)
+
+    def engine(self) -> Any:
+        """The TensorRT engine of warp + decoder, from the cache or built now (minutes;
+        once per machine): one per worker, the avatar is an input. None once that
+        failed: TensorRT is an accelerator, not a requirement, so the worker renders on
+        PyTorch CUDA for the rest of the process, and says why once."""
+        if self._engine is None and self.backend == "tensorrt":
+            from models.ditto.export import TensorRTRender
+
+            try:
+                self._engine = TensorRTRender.for_renderer(self)
+            except Exception as exc:
+                log.warning("ditto renderer: TensorRT failed (%s); using PyTorch CUDA", exc)
+                self.backend, self.backend_reason = "cuda", f"TensorRT failed: {exc}"
+        return self._engine
+
+    def build_engines(
+        self, avatars: list[DittoAvatar] | tuple[DittoAvatar, ...] = ()
+    ) -> list[Path]:
+        """`farm engines build`: the engine built now unless it is cached, and its path.
+        `avatars` are not needed (one engine serves them all). PermanentError where this
+        worker does not render with TensorRT, with the reason."""
+        if self.backend != "tensorrt":
+            reason = self.backend_reason
+            raise PermanentError(f"TensorRT is not in use for ditto on this worker: {reason}")
+        from models.ditto.export import TensorRTRender
+
+        self._engine = TensorRTRender.for_renderer(self)
+        return [self._engine.path]
 
     def _source(self, avatar: DittoAvatar) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("source", str(self.device))
@@ -384,3 +488,8 @@ def _fit(features: np.ndarray, frames: int) -> np.ndarray:
         return features[:frames]
     pad = np.repeat(features[-1:], frames - len(features), 0)
     return np.concatenate([features, pad], 0)
+
+
+def _eye_arrays(regions: EyeRegions) -> dict[str, np.ndarray]:
+    """The avatar's eye regions as npz entries (`eyes_` + models/eyes.py's names)."""
+    return {f"eyes_{k}": v for k, v in regions_to_arrays(regions).items()}
