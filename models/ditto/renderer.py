@@ -10,8 +10,9 @@ noise from the job's seed (models/ditto/audio2motion.py), then motion stitching 
 the whole job (models/ditto/stitching.py). The plan holds every frame's driving
 keypoints x_d, so each frame is a pure function of (avatar, plan, frame index).
 
-Render: frames [start, stop) in batches through warp -> decoder (fp16 on CUDA, fp32
-on CPU), then the 512 crop letterboxed to the job's size, or pasted back into the
+Render: frames [start, stop) in batches through warp -> decoder (a TensorRT engine on
+a GPU worker with tensorrt, models/ditto/export.py; else PyTorch, fp16 on CUDA, fp32 on
+CPU), then the 512 crop letterboxed to the job's size, or pasted back into the
 photo through the feathered mask (`--size photo`), on the device. With living eyes
 (`--eyes natural`, the default) the plan also holds a seeded gaze track, and each frame's
 irises are moved by it on the host, inside the crop's eye regions carried along with the
