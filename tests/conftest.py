@@ -101,3 +101,12 @@ def farm_env(request: pytest.FixtureRequest, postgres_url: str, tmp_path: Path):
     extra = getattr(request.module, "FARM_ENV", {})
     yield scheduling_env(tmp_path, fresh_redis_db(redis_db), postgres_url, **extra)
     fresh_redis_db(redis_db)
+
+
+@pytest.fixture(scope="session")
+def ditto_dir(tmp_path_factory) -> Path:
+    """Ditto's checkpoint root with random weights at reduced widths, in the official
+    layout (tests/ditto_checkpoints.py); written once per session, only read by tests."""
+    from tests.ditto_checkpoints import write_random_checkpoints  # imports torch
+
+    return write_random_checkpoints(tmp_path_factory.mktemp("ditto"), reduced=True, seed=0)

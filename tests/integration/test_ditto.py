@@ -18,15 +18,9 @@ import pytest
 from models.ditto.renderer import X_D, DittoAvatar, DittoRenderer
 from models.portrait import demo_photo
 from models.tts import synthesize
-from tests.ditto_checkpoints import write_random_checkpoints
 from tests.doubles import ListSink
 from tests.probe import probe
 from tests.services import run_farm
-
-
-@pytest.fixture(scope="module")
-def ditto_dir(tmp_path_factory) -> Path:
-    return write_random_checkpoints(tmp_path_factory.mktemp("ditto"), reduced=True, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -45,18 +45,13 @@ from models.ditto.renderer import X_D, DittoAvatar, DittoRenderer
 from models.eyes import EyeRegions, gaze_track
 from models.portrait import demo_photo
 from models.tts import synthesize
-from tests.ditto_checkpoints import FACE_KEYPOINTS, write_random_checkpoints
+from tests.ditto_checkpoints import FACE_KEYPOINTS
 from tests.doubles import ListSink
 
 SEED = 18  # a gaze track with a glance in this clip's 2 s (0.47 radii sideways)
 FAST = {"steps": 4}  # fewer DDIM steps: the motion itself is replaced below
 NORM_TO_PX = np.array([[256.0, 0, 256], [0, 256, 256], [0, 0, 1]])
 HALF = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])  # pixel index -> continuous
-
-
-@pytest.fixture(scope="module")
-def ditto_dir(tmp_path_factory) -> Path:
-    return write_random_checkpoints(tmp_path_factory.mktemp("ditto"), reduced=True, seed=0)
 
 
 @pytest.fixture(scope="module")

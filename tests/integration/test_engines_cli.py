@@ -9,13 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ditto_checkpoints import write_random_checkpoints
 from tests.services import run_farm
-
-
-@pytest.fixture(scope="module")
-def ditto_dir(tmp_path_factory) -> Path:
-    return write_random_checkpoints(tmp_path_factory.mktemp("ditto"), reduced=True, seed=0)
 
 
 def farm(tmp_path: Path, *args: str, **env: str):
