@@ -112,11 +112,13 @@ class _OnDemandDispatcher:
         self.inner: Any = None
 
     def __getattr__(self, name: str) -> Any:
-        if self.inner is None:
-            if self.settings.embedded:
-                from farm import embedded
+        if self.settings.embedded:
+            from farm import embedded
 
-                embedded.ensure_running(self.settings)
+            # Every time, not once: a long-running command (`farm intake`) outlives an
+            # embedded runtime that stopped when idle, and must start it again.
+            embedded.ensure_running(self.settings)
+        if self.inner is None:
             from workers.dispatch import CeleryDispatcher
 
             self.inner = CeleryDispatcher.for_settings(self.settings)
@@ -882,6 +884,52 @@ def batch_report(name: str, fmt: str, output: Path | None) -> None:
 
         write_user_file(output, lambda path: path.write_text(text, encoding="utf-8"))
         click.echo(str(output))
+
+
+# --- intake -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("url", metavar="URL")
+@click.option("--queue", required=True, help="The AMQP queue to take messages from.")
+@click.option("--avatar", default="demo", show_default=True, help="For messages that name none.")
+@click.option(
+    "--voice", default="joe", show_default=True, help=f"TTS voice: {', '.join(jobs.VOICES)}."
+)
+@click.option(
+    "--results",
+    default=None,
+    metavar="QUEUE",
+    help="Publish results here for messages without reply_to [env FARM_INTAKE_RESULTS].",
+)
+@click.option(
+    "--dead-letter",
+    default=None,
+    metavar="QUEUE",
+    help="Where invalid messages go [env FARM_INTAKE_DEAD_LETTER; default QUEUE.dead].",
+)
+@fail_cleanly
+def intake(
+    url: str, queue: str, avatar: str, voice: str, results: str | None, dead_letter: str | None
+) -> None:
+    """Make a job of every message of an AMQP queue (amqp://user:pass@host/vhost) until
+    Ctrl-C or SIGTERM; invalid messages go to the dead-letter queue."""
+    from farm import intake as intake_lib
+
+    ctx = make_context()
+    consumer = intake_lib.Consumer(
+        ctx,
+        url,
+        queue,
+        avatar=avatar,
+        voice=voice,
+        results=results,
+        dead_letter=dead_letter,
+        say=lambda line: click.echo(f"farm intake: {one_line(line)}", err=True),
+    )
+    consumer.check_defaults()
+    intake_lib.stop_on_signals(consumer)
+    consumer.run()
 
 
 # --- operations -------------------------------------------------------------

@@ -87,6 +87,12 @@ class Settings:
     nightly_cron: str = "0 2 * * *"  # UTC: minute hour day-of-month month day-of-week
     nightly_avatar: str = "demo"  # for inbox .txt scripts and rows that name none
     nightly_voice: str = "joe"
+    # --- `farm live` (farm/live.py) ---
+    live_queue_max: int = 16  # jobs a live channel holds pending; more are refused
+    # --- farm intake (farm/intake.py): jobs from an AMQP queue ---
+    intake_max_bytes: int = 32 * 1024 * 1024  # largest message body (base64 audio included)
+    intake_results: str = ""  # result queue for messages without reply_to; empty: none
+    intake_dead_letter: str = ""  # dead-letter queue; empty: "<queue>.dead"
 
     # --- derived -------------------------------------------------------------
     @property
@@ -173,6 +179,9 @@ class Settings:
                 f"{', '.join(VIDEO_ENCODERS)}"
             )
         check_cron(self.nightly_cron)
+        for name in ("intake_results", "intake_dead_letter"):
+            if getattr(self, name):
+                check_queue_name(getattr(self, name), f"FARM_{name.upper()}")
 
     def renderer_dir(self, name: str) -> Path:
         """Where a renderer's weights are: Ditto's checkpoint root, or model_dir."""
@@ -238,6 +247,8 @@ _POSITIVE = (
     "embedded_idle_seconds",
     "sweep_seconds",
     "webhook_timeout",
+    "intake_max_bytes",
+    "live_queue_max",
 )
 _NOT_NEGATIVE = (
     "segment_pause_ms",
@@ -282,6 +293,16 @@ def check_cron(text: str) -> None:
                 raise InvalidInput(
                     f"FARM_NIGHTLY_CRON {text!r}: {item!r} is not a valid {what} ({low}-{high})"
                 )
+
+
+def check_queue_name(name: str, what: str) -> str:
+    """An AMQP queue name farm may declare: 1-255 bytes of UTF-8, printable, not in the
+    broker's reserved `amq.` namespace."""
+    if not name or len(name.encode()) > 255 or not name.isprintable():
+        raise InvalidInput(f"{what} {name[:80]!r} is not a queue name (1-255 printable bytes)")
+    if name.startswith("amq."):
+        raise InvalidInput(f"{what} {name[:80]!r}: names starting with 'amq.' are the broker's")
+    return name
 
 
 # Credentials farm never holds itself but hands on to boto3 and the like.

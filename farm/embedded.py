@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("farm.embedded")
 
 READY_TIMEOUT = 120.0
+# The longest a supervisor takes to shut down: workers finish their task (90 s), Redis
+# writes its append-only file (30 s).
+STOP_TIMEOUT = 150.0
 
 
 def run_dir(settings: Settings) -> Path:
@@ -157,11 +160,25 @@ def _start_lock(settings: Settings) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _wait_for_a_stopping_one(settings: Settings) -> None:
+    """A supervisor that is shutting down (idle: its ready file is gone, its process is
+    not) removes the Redis socket file when its Redis exits, which would cut off a new
+    runtime started meanwhile on the same path: let it finish first."""
+    try:
+        pid = int(pid_file(settings).read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while pid_alive(pid) and pid_file(settings).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def ensure_running(settings: Settings) -> bool:
     """Start the embedded runtime unless one is up. True if this call started it."""
     with _start_lock(settings):
         if running_pid(settings) is not None:
             return False
+        _wait_for_a_stopping_one(settings)
         log_dir(settings).mkdir(parents=True, exist_ok=True)
         ready_file(settings).unlink(missing_ok=True)
         env = {**os.environ, **settings.as_env()}

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import IntegrityError
+
 from farm import pipeline, queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
@@ -197,25 +199,59 @@ def renderer_names() -> tuple[str, ...]:
     return tuple(RENDERERS)
 
 
-def submit(ctx: Context, req: JobRequest) -> str:
+def submit(ctx: Context, req: JobRequest, idempotency_key: str | None = None) -> str:
     """Check the request (once), record the job and queue its first stage. A job the
-    broker refused is removed again: it was never accepted."""
+    broker refused is removed again: it was never accepted. With an `idempotency_key`
+    another job holds, the insert fails (IntegrityError) and nothing is left behind."""
     checked = validate(ctx, req)
     ctx.store.check()  # a missing bucket or bad credentials: refuse now, not after TTS
-    row = new_row(ctx, req, checked.webhook_url, checked.registered_for)
+    row = new_row(
+        ctx, req, checked.webhook_url, checked.registered_for, idempotency_key=idempotency_key
+    )
     check_options(row["renderer"], req.options)
     job_id = row["id"]
     if req.audio_wav is not None:
         row["audio_key"] = job_key(job_id, INPUT_AUDIO)
         ctx.store.put_bytes(row["audio_key"], req.audio_wav)
-    with ctx.session() as s:
-        queries.insert_job(s, **row)
+    try:
+        with ctx.session() as s:
+            queries.insert_job(s, **row)
+    except IntegrityError:
+        if row.get("audio_key"):
+            ctx.store.delete_prefix(row["audio_key"])
+        raise
     try:
         ctx.dispatch.enqueue(pipeline.PREPARE, job_id)
     except Exception as exc:
         forget(ctx, job_id)
         raise RetryableError(f"could not queue the job: {exc}") from exc
     return job_id
+
+
+def submit_once(ctx: Context, req: JobRequest, idempotency_key: str) -> tuple[str, bool]:
+    """`submit`, at most once per key: (the job's id, whether this call created it). Two
+    callers racing on one key both get the one job (the key is unique in the table)."""
+    existing = by_idempotency_key(ctx, idempotency_key)
+    if existing is not None:
+        return existing, False
+    try:
+        return submit(ctx, req, idempotency_key), True
+    except IntegrityError:
+        existing = by_idempotency_key(ctx, idempotency_key)
+        if existing is None:  # some other constraint: not a race on the key
+            raise
+        return existing, False
+
+
+def by_idempotency_key(ctx: Context, key: str) -> str | None:
+    with ctx.session() as s:
+        return queries.job_by_idempotency_key(s, key)
+
+
+def ended(ctx: Context, job_ids: list[str]) -> list[Job]:
+    """Those of the jobs that have reached a final state (succeeded, failed, cancelled)."""
+    with ctx.session() as s:
+        return list(queries.ended_jobs(s, job_ids))
 
 
 def forget(ctx: Context, job_id: str) -> None:

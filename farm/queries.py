@@ -69,6 +69,21 @@ def list_jobs(session: Session, limit: int = 20, state: str | None = None) -> Se
     return session.scalars(query).all()
 
 
+def job_by_idempotency_key(session: Session, key: str) -> str | None:
+    """The id of the job made with this idempotency key, if any."""
+    return session.scalar(select(Job.id).where(Job.idempotency_key == key))
+
+
+def ended_jobs(session: Session, job_ids: Sequence[str]) -> Sequence[Job]:
+    """Those of the jobs that reached a final state."""
+    found: list[Job] = []
+    for i in range(0, len(job_ids), 500):  # keep IN lists short on every backend
+        part = job_ids[i : i + 500]
+        query = select(Job).where(Job.id.in_(part), Job.state.in_(states.FINAL))
+        found.extend(session.scalars(query))
+    return found
+
+
 def job_state(session: Session, job_id: str) -> str:
     state = session.scalar(select(Job.state).where(Job.id == job_id))
     if state is None:

@@ -1,5 +1,6 @@
-"""Real services for integration tests: Redis on 127.0.0.1:6379, a moto S3 endpoint
-on loopback, and farm worker processes started as an operator would start them."""
+"""Real services for integration tests: Redis on 127.0.0.1:6379, RabbitMQ on
+127.0.0.1:5672 (guest/guest), a moto S3 endpoint on loopback, and farm worker
+processes started as an operator would start them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REDIS_URL = os.environ.get("FARM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+AMQP_URL = os.environ.get("FARM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def free_port() -> int:
@@ -27,6 +29,17 @@ def redis_up() -> bool:
 
     try:
         return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping())
+    except Exception:
+        return False
+
+
+def rabbitmq_up() -> bool:
+    import kombu
+
+    try:
+        with kombu.Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.connect()
+        return True
     except Exception:
         return False
 
