@@ -1327,5 +1327,96 @@ def fetch_output(job_id: str, dest: Path) -> None:
     _save_output(ctx, job, dest)
 
 
+# --- live -------------------------------------------------------------------
+
+
+@main.group(name="live", invoke_without_command=True)
+@click.option("--avatar", default="demo", show_default=True, help="The avatar on air.")
+@click.option("--rtmp", default=None, metavar="URL", help="rtmp://host/app/key to push to.")
+@click.option("--amqp", default=None, metavar="URL", help="Take jobs from this AMQP broker.")
+@click.option("--queue", default=None, help="The AMQP queue (with --amqp).")
+@click.option("--stdin", "from_stdin", is_flag=True, help="One job per line of stdin.")
+@click.option(
+    "--hls",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Also write an HLS playlist (DIR/index.m3u8).",
+)
+@click.option("--voice", default="joe", show_default=True, help="TTS voice of --stdin jobs.")
+@click.option("--fps", type=int, default=None, help="[default: env FARM_FPS]")
+@click.option("--size", default=None, metavar="N|WxH", help="[default: env FARM_SIZE]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Idle loop and jobs' seed.")
+@click.pass_context
+@fail_cleanly
+def live(
+    cctx: click.Context,
+    avatar: str,
+    rtmp: str | None,
+    amqp: str | None,
+    queue: str | None,
+    from_stdin: bool,
+    hls: Path | None,
+    voice: str,
+    fps: int | None,
+    size: str | None,
+    seed: int,
+) -> None:
+    """Put AVATAR on air at --rtmp: idle until a job of the channel finishes, then its
+    video, then idle again. `farm live status` shows the channels."""
+    if cctx.invoked_subcommand is not None:
+        return
+    from farm import live as live_lib
+
+    if not rtmp or not rtmp.startswith(("rtmp://", "rtmps://")):
+        raise InvalidInput("give --rtmp rtmp://host/app/key")
+    _check_seed(seed)
+    ctx = make_context()
+    settings = ctx.settings
+    dims = jobs.parse_size(size or str(settings.size))
+    if dims == jobs.PHOTO_SIZE:
+        raise InvalidInput("a live channel needs a fixed --size N or WxH")
+    spec = live_lib.ChannelSpec(
+        avatar, rtmp, fps or settings.fps, dims, seed, hls, settings.live_queue_max
+    )
+    say = lambda line: click.echo(f"farm live: {one_line(line)}", err=True)  # noqa: E731
+    live_lib.run(ctx, spec, say, voice, amqp, queue, sys.stdin if from_stdin else None)
+
+
+@live.command(name="status")
+@click.option("--name", default=None, help="One channel (default: every channel).")
+@fail_cleanly
+def live_status(name: str | None) -> None:
+    """State (idle, talking), pending jobs, uptime and latency of the live channels."""
+    from farm import live as live_lib
+
+    channels = live_lib.read_status(Settings.from_env().home, name)
+    if not channels:
+        click.echo("no live channel")
+    for ch in channels:
+        latency = ch.get("latency_seconds")
+        cpu = ch.get("idle_cpu_percent")
+        click.echo(
+            f"{ch['name']}: {ch['state']}, up {ch['uptime_seconds']:.0f} s, "
+            f"{ch['frames_on_air']} frames on air, {ch['jobs_aired']} jobs aired"
+        )
+        if ch.get("current_job"):
+            click.echo(f"  talking: job {ch['current_job']}")
+        pending = ch.get("pending") or []
+        click.echo(f"  pending: {len(pending)} of {ch['queue_max']}")
+        for p in pending:
+            click.echo(f"    {p['job']} ({p['state']}, session {p['session'] or '-'})")
+        for out, st in (ch.get("outputs") or {}).items():
+            link = "connected" if st["connected"] else "down"
+            click.echo(f"  {out}: {link}, {st['restarts']} restarts")
+        click.echo(
+            "  last latency (message to first talking frame): "
+            + ("-" if latency is None else f"{latency:.2f} s")
+        )
+        click.echo("  idle CPU: " + ("-" if cpu is None else f"{cpu:.1f}% of one core"))
+        for f in (ch.get("failures") or [])[-3:]:
+            click.echo(f"  failed: {f['job']}: {one_line(f['error'])}")
+
+
 if __name__ == "__main__":
     main()

@@ -23,6 +23,13 @@ Loudness is read on each frame's own span, so the energy-driven part has no lead
 the viseme part keeps its LEAD_S: the mouth never trails the sound and leads it by at
 most a frame. The demo photo's own mouth is parted (0.063 of face height with every
 channel at 0, against 0.0004 with lip_press 1), so rest means lip_press, not zero.
+
+Rest pose (issue 15, `farm live`): every track starts and ends exactly at ``rest_pose()``
+(mouth pressed shut, every other channel 0), eased there over ``SETTLE_IN_S`` and
+``SETTLE_OUT_S`` (the mouth over ``MOUTH_SETTLE_S``: a script job's lead-in and tail are
+silent, so it is at rest there anyway), and no blink is cut by the ease. The idle loop of
+a live channel (``idle_track``) passes through the same pose at every cut point, so a
+job's video can replace the loop there without a visible cut.
 """
 
 from __future__ import annotations
@@ -97,7 +104,76 @@ def build_track(
     for name, values in zip(("head_yaw", "head_pitch", "head_roll"), head, strict=True):
         track[:, CHANNEL_INDEX[name]] = values
     track[:, CHANNEL_INDEX["brow_raise"]] = brow_track(streams[3], phones, times)
-    return clip_to_ranges(track).astype(np.float32)
+    return clip_to_ranges(settle_ends(track, fps)).astype(np.float32)
+
+
+# --- rest pose at the ends, and the idle loop of a live channel ------------------------------
+
+SETTLE_IN_S = 0.3  # head, gaze and brows leave the rest pose over a script's lead-in ...
+SETTLE_OUT_S = 0.5  # ... and come back to it over its tail
+MOUTH_SETTLE_S = 0.08  # the mouth: two frames at 25 fps (a script's is at rest there)
+IDLE_BEAT_S = 2.5  # the idle loop passes through the rest pose this often (a breath each)
+IDLE_BEATS = 3  # beats of one idle loop, each a different stretch of idle motion
+_BREATH_PITCH = 0.025  # the head rises a little with each breath
+
+
+def rest_pose() -> np.ndarray:
+    """The pose every track starts and ends in: lips together, all else at 0."""
+    rest = np.zeros(len(CHANNELS))
+    rest[CHANNEL_INDEX["lip_press"]] = 1.0
+    return rest
+
+
+def _ease(x: np.ndarray) -> np.ndarray:
+    """Smoothstep on [0, 1]: no velocity at either end, so the rest pose is a turning point."""
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def settle_window(n: int, fps: int, start_s: float, end_s: float) -> np.ndarray:
+    """Weights (n,): 0 at the first and last frame, eased to 1 over start_s / end_s."""
+    i = np.arange(n, dtype=np.float64)
+    rise = _ease(i / max(start_s * fps, 1.0))
+    fall = _ease((n - 1 - i) / max(end_s * fps, 1.0))
+    return rise * fall
+
+
+def settle_ends(
+    track: np.ndarray, fps: int, start_s: float = SETTLE_IN_S, end_s: float = SETTLE_OUT_S
+) -> np.ndarray:
+    """The track eased to exactly ``rest_pose()`` at its first and last frame."""
+    n = track.shape[0]
+    if n == 0:
+        return track
+    rest = rest_pose()
+    weight = np.repeat(settle_window(n, fps, start_s, end_s)[:, None], track.shape[1], axis=1)
+    mouth = list(MOUTH_INDEX)
+    weight[:, mouth] = settle_window(n, fps, MOUTH_SETTLE_S, MOUTH_SETTLE_S)[:, None]
+    return rest + weight * (track - rest)
+
+
+def idle_beat_frames(fps: int) -> int:
+    """Frames from one cut point of the idle loop to the next."""
+    return max(1, int(round(IDLE_BEAT_S * fps)))
+
+
+def idle_track(fps: int, seed: int, beats: int = IDLE_BEATS) -> np.ndarray:
+    """A seamless idle loop, float32 (beats * idle_beat_frames(fps), len(CHANNELS)): mouth
+    shut, blinks, a breath per beat, small head and eye motion. Frame 0 of every beat is
+    ``rest_pose()`` and each beat eases into the next one's first frame, so the loop's
+    last frame leads into its first and a job may start at any beat's first frame."""
+    _validate(0.0, fps)
+    beat = idle_beat_frames(fps)
+    streams = np.random.SeedSequence(int(seed) % 2**64).spawn(beats)
+    parts = []
+    for child in streams:
+        part_seed = int(child.generate_state(1, dtype=np.uint64)[0])
+        # One frame more than the beat: its last frame is the next beat's first (rest).
+        part = build_track([], (beat + 1) / fps, fps, part_seed).astype(np.float64)
+        t = np.arange(beat + 1) / beat
+        part[:, CHANNEL_INDEX["head_pitch"]] -= _BREATH_PITCH * (0.5 - 0.5 * np.cos(2 * np.pi * t))
+        parts.append(part[:-1])
+    return clip_to_ranges(np.concatenate(parts)).astype(np.float32)
 
 
 def frame_count(seconds: float, fps: int) -> int:
@@ -483,6 +559,8 @@ def blink_track(
         shape = _pulse(times, peak - attack, attack, 0.0, length - attack)
         weaker = rng.uniform(0.8, 0.92) if rng.random() < _BLINK_ASYMMETRY_P else 1.0
         scale_left, scale_right = (weaker, 1.0) if rng.random() < 0.5 else (1.0, weaker)
+        if peak - attack < SETTLE_IN_S or peak - attack + length > duration - SETTLE_OUT_S:
+            continue  # the ends settle to the rest pose: no half blink there (draws kept)
         left = np.maximum(left, shape * scale_left)
         right = np.maximum(right, shape * scale_right)
     return left, right

@@ -83,6 +83,16 @@ class PortraitRenderer:
         width, height = size
         return Plan(fps=fps, width=width, height=height, seed=seed, track=track)
 
+    def idle_plan(self, avatar: PortraitAvatar, fps: int, size: tuple[int, int], seed: int) -> Plan:
+        """A live channel's idle loop (models/motion.py idle_track): seamless, at the rest
+        pose at every cut point (`arrays["cuts"]`), where a job's plan starts and ends."""
+        from models.motion import idle_beat_frames, idle_track
+
+        track = idle_track(fps, seed)
+        cuts = np.arange(0, track.shape[0], idle_beat_frames(fps), dtype=np.int64)
+        width, height = size
+        return Plan(fps, width, height, seed, track, arrays={"cuts": cuts})
+
     def render(
         self, avatar: PortraitAvatar, plan: Plan, frames: range, sink: FrameSink
     ) -> RenderStats:
