@@ -783,15 +783,9 @@ def read_status(home: Path, name: str | None = None) -> list[dict[str, Any]]:
 
 
 def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from farm.embedded import pid_alive
+
+    return isinstance(pid, int) and pid > 0 and pid_alive(pid)
 
 
 # --- sources of jobs ------------------------------------------------------------------------------
