@@ -41,7 +41,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,7 @@ class Message:
     message_id: str | None = None
     reply_to: str | None = None
     correlation_id: str | None = None
+    received: float | None = None  # time.time() when the consumer took it
 
 
 def idempotency_key(queue: str, message_id: str | None, body: bytes) -> str:
@@ -207,11 +208,19 @@ def seed_of(key: str) -> int:
     return int(key[len(KEY_PREFIX) : len(KEY_PREFIX) + 8], 16) % 2**31
 
 
-def to_request(ctx: Context, msg: Message, avatar: str, voice: str) -> jobs.JobRequest:
+def to_request(
+    ctx: Context,
+    msg: Message,
+    avatar: str,
+    voice: str,
+    fps: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> jobs.JobRequest:
     """The job a valid message asks for, every limit of `farm submit` checked: text length
-    and frames; base64, format, decodability, silence and length of the audio."""
+    and frames; base64, format, decodability, silence and length of the audio. `fps` and
+    `size` default to the settings' (a live channel passes its own)."""
     settings = ctx.settings
-    fps = settings.fps
+    fps = fps or settings.fps
     text, wav = "", None
     if msg.kind == "text":
         if len(msg.data) > settings.max_script_chars * 4:  # do not normalise a huge text
@@ -239,7 +248,7 @@ def to_request(ctx: Context, msg: Message, avatar: str, voice: str) -> jobs.JobR
         avatar=msg.avatar or avatar,
         voice=msg.voice or voice,
         fps=fps,
-        size=(settings.size, settings.size),
+        size=size or (settings.size, settings.size),
         chunk_frames=settings.chunk_frames,
         seed=seed_of(msg.key),
     )
@@ -295,6 +304,8 @@ class Consumer:
         say: Callable[[str], None] | None = None,
         poll_seconds: float = 1.0,
         heartbeat: int = 60,
+        fps: int | None = None,
+        size: tuple[int, int] | None = None,
     ) -> None:
         scheme = url.partition("://")[0]
         if "://" not in url or scheme not in ("amqp", "amqps", "pyamqp"):
@@ -303,6 +314,7 @@ class Consumer:
             )
         self.ctx, self.url, self.queue = ctx, url, check_queue_name(queue, "--queue")
         self.avatar, self.voice = avatar, voice
+        self.fps, self.size = fps, size  # of every job; None: the settings'
         results = results or ctx.settings.intake_results or None
         self.results = check_queue_name(results, "--results") if results else None
         dead = dead_letter or ctx.settings.intake_dead_letter or dead_letter_name(queue)
@@ -325,8 +337,8 @@ class Consumer:
     def check_defaults(self) -> None:
         """Refuse, at start-up, a default avatar or voice no message could use."""
         s = self.ctx.settings
-        size = (s.size, s.size)
-        req = jobs.JobRequest("", self.avatar, self.voice, s.fps, size, s.chunk_frames)
+        size = self.size or (s.size, s.size)
+        req = jobs.JobRequest("", self.avatar, self.voice, self.fps or s.fps, size, s.chunk_frames)
         jobs.validate(self.ctx, req)
         self.ctx.store.check()  # a store that refuses would dead-letter every message
 
@@ -420,11 +432,13 @@ class Consumer:
     # --- one message -----------------------------------------------------------
 
     def _handle(self, producer: Any, delivery: Any) -> None:
+        received = time.time()
         body = delivery.body if isinstance(delivery.body, bytes) else bytes(delivery.body)
         props = dict(delivery.properties)
         key = idempotency_key(self.queue, _prop(props, "message_id"), body)
         try:
             msg = parse(body, self.ctx.settings.intake_max_bytes, key, props)
+            msg = replace(msg, received=received)
             job_id = self._job_for(msg)
         except PermanentError as exc:
             self._dead_letter(producer, delivery, body, key, str(exc))
@@ -443,7 +457,7 @@ class Consumer:
             self.stats["duplicate"] += 1
             self.say(f"message {msg.message_id or msg.key} again: job {existing} already made")
             return existing
-        request = to_request(self.ctx, msg, self.avatar, self.voice)
+        request = to_request(self.ctx, msg, self.avatar, self.voice, self.fps, self.size)
         job_id, created = jobs.submit_once(self.ctx, request, msg.key)
         self.stats["created" if created else "duplicate"] += 1
         if created:

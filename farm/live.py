@@ -58,10 +58,10 @@ RATE = 48_000  # Hz, mono s16le on air
 TS_PACKET = 188
 RECONNECT_SECONDS = (0.5, 1.0, 2.0, 4.0)  # backoff between output restarts, then the last
 OUTPUT_BACKLOG = 200  # TS reads queued for one output before it counts as stalled
-POLL_SECONDS = 0.2  # how often pending jobs' states are read
+POLL_SECONDS = 0.05  # how often pending jobs' states are read (one indexed row each)
 STATUS_SECONDS = 1.0
 EDGE_FRAMES = 8  # a job's coding noise is faded to the loop's over this many frames
-IDLE_VERSION = "1"  # bump when the idle loop's motion changes: cached loops are redone
+IDLE_VERSION = "2"  # bump when the idle loop's motion changes: cached loops are redone
 
 
 class QueueFull(FarmError):
@@ -125,7 +125,24 @@ class Clip:
         return int(above[0]) if above.size else 0
 
 
-def match_edges(frames: list[bytes], rest: bytes, count: int) -> list[bytes]:
+def latency_parts(job: Pending, first_on_air: float, talking: float) -> dict[str, float]:
+    """Where a job's latency went, in seconds: `job` (message to the job's row ended:
+    submit, TTS, plan, render, mux, publish), `notice` (to the channel reading that),
+    `decode` (fetching and decoding its MP4), `cut` (waiting for the loop's next cut
+    point), `lead_in` (its first frame on air to its first talking frame)."""
+    parts = {
+        "job": job.finished - job.received,
+        "notice": job.noticed - job.finished,
+        "decode": job.ready - job.noticed,
+        "cut": first_on_air - job.ready,
+        "lead_in": talking - first_on_air,
+    }
+    return {name: round(value, 3) for name, value in parts.items()}
+
+
+def match_edges(
+    frames: list[bytes], rest: bytes, count: int, rest_out: bytes | None = None
+) -> list[bytes]:
     """A job's frames with its first frame made the loop's rest frame exactly, and its
     last too, the difference faded out (and in) over `count` frames at each end.
 
@@ -135,9 +152,10 @@ def match_edges(frames: list[bytes], rest: bytes, count: int) -> list[bytes]:
     n = len(frames)
     if n == 0:
         return frames
-    ref = np.frombuffer(rest, np.uint8).astype(np.int16)
     out = list(frames)
     for end, index in (("start", 0), ("end", n - 1)):
+        edge = rest if end == "start" or rest_out is None else rest_out
+        ref = np.frombuffer(edge, np.uint8).astype(np.int16)
         offset = ref - np.frombuffer(frames[index], np.uint8).astype(np.int16)
         for step in range(min(count, n)):
             i = step if end == "start" else n - 1 - step
@@ -192,9 +210,19 @@ def _tail(stderr: bytes) -> str:
 
 @dataclass
 class IdleLoop:
-    clip: Clip
+    clip: Clip  # the loop's frames, then its exits'
     cuts: frozenset[int]  # frames where a job may start (the rest pose)
     renderer: str
+    loop: int = 0  # frames of the loop itself (0: all of clip)
+    exits: dict[int, int] = field(default_factory=dict)  # loop frame -> its exit's first
+    exit_frames: int = 0  # frames of each exit, the last one the rest pose
+
+    def __post_init__(self) -> None:
+        self.loop = self.loop or len(self.clip.frames)
+
+    def next_cut(self, position: int) -> int:
+        """The first cut point at or after `position` in the loop (cyclically)."""
+        return min(self.cuts, key=lambda c: (c - position) % self.loop)
 
 
 def idle_loop(ctx: Context, spec: ChannelSpec, say: Callable[[str], None]) -> IdleLoop:
@@ -230,7 +258,9 @@ def idle_loop(ctx: Context, spec: ChannelSpec, say: Callable[[str], None]) -> Id
     clip = decode_clip(video, spec.fps, spec.size, audio=False)
     if len(clip.frames) != info["frames"]:
         raise PermanentError(f"the idle loop has {len(clip.frames)} frames, not {info['frames']}")
-    return IdleLoop(clip, frozenset(info["cuts"]), info["renderer"])
+    loop, length = int(info.get("loop", info["frames"])), int(info.get("exit_frames", 0))
+    exits = {int(j): loop + i * length for i, j in enumerate(info.get("exits", []))}
+    return IdleLoop(clip, frozenset(info["cuts"]), info["renderer"], loop, exits, length)
 
 
 # --- the outputs ------------------------------------------------------------------------------
@@ -387,6 +417,10 @@ class Pending:
     received: float  # time.time() when the message came
     state: str = "rendering"  # rendering | ready
     clip: Clip | None = None
+    # time.time() of: the job's row ended (succeeded), the channel saw it, its clip ready
+    finished: float = 0.0
+    noticed: float = 0.0
+    ready: float = 0.0
 
 
 @dataclass
@@ -481,8 +515,9 @@ class Channel:
         cuts = sorted(self.idle.cuts)
         self.say(
             f"on air: {show_url(self.spec.rtmp)} ({self.idle.renderer} idle loop of "
-            f"{len(self.idle.clip.frames)} frames, a cut point every "
-            f"{(cuts[1] - cuts[0]) if len(cuts) > 1 else len(self.idle.clip.frames)} frames)"
+            f"{self.idle.loop} frames, a cut point every "
+            f"{(cuts[1] - cuts[0]) if len(cuts) > 1 else self.idle.loop} frames, "
+            f"{len(self.idle.exits)} exits of {self.idle.exit_frames} frames between them)"
         )
 
     def stop(self) -> None:
@@ -556,35 +591,53 @@ class Channel:
     def _feed(self) -> None:
         """The clock: one frame every 1/fps, idle loop or job, never a gap."""
         assert self.idle is not None
-        fps, idle = self.spec.fps, self.idle.clip
+        idle = self.idle.clip
         start = time.monotonic()
         position = 0  # in the idle loop
         self.stats.state = "idle"
         while not self._stop.is_set():
             if position in self.idle.cuts and (job := self._next_ready()) is not None:
-                self._air(job, start, position)
+                self._air(job, start, idle.frames[position], idle.frames[position])
                 if self._stop.is_set():
                     break
-            k = self.stats.frames
-            count = (k + 1) * RATE // fps - k * RATE // fps
-            self._pace(start, k)
-            self._write_frame(idle.frames[position], bytes(2 * count))
-            self.stats.frames += 1
-            position = (position + 1) % len(idle.frames)
+            self._write_idle(start, idle.frames[position])
+            if position in self.idle.exits and (job := self._next_ready()) is not None:
+                # Out of the loop between its cut points: the exit eases it to the rest
+                # pose; the job takes the place of the exit's last frame (rest), and the
+                # loop goes on from its next cut point (rest) after the job.
+                first = self.idle.exits[position]
+                for index in range(first, first + self.idle.exit_frames - 1):
+                    self._write_idle(start, idle.frames[index])
+                position = self.idle.next_cut(position + 1)
+                rest = idle.frames[first + self.idle.exit_frames - 1]
+                self._air(job, start, rest, idle.frames[position])
+                if self._stop.is_set():
+                    break
+                continue
+            position = (position + 1) % self.idle.loop
+
+    def _write_idle(self, start: float, frame: bytes) -> None:
+        fps, k = self.spec.fps, self.stats.frames
+        count = (k + 1) * RATE // fps - k * RATE // fps
+        self._pace(start, k)
+        self._write_frame(frame, bytes(2 * count))
+        self.stats.frames += 1
 
     def _pace(self, start: float, k: int) -> None:
         delay = start + k / self.spec.fps - time.monotonic()
         if delay > 0:
             self._stop.wait(delay)
 
-    def _air(self, job: Pending, start: float, position: int) -> None:
+    def _air(self, job: Pending, start: float, rest_in: bytes, rest_out: bytes) -> None:
         assert job.clip is not None and self.idle is not None
         fps, clip = self.spec.fps, job.clip
-        # The job's first frame is the rest pose the loop's cut frame shows: it takes its
-        # place. Its last is the rest pose again, and the loop's cut frame follows: dropped.
-        frames = match_edges(clip.frames, self.idle.clip.frames[position], EDGE_FRAMES)
+        # The job's first frame is the rest pose the loop's cut frame shows (`rest_in`): it
+        # takes its place. Its last is the rest pose again, and the loop's cut frame
+        # (`rest_out`) follows: dropped.
+        frames = match_edges(clip.frames, rest_in, EDGE_FRAMES, rest_out)
         frames = frames[:-1] if len(frames) > 1 else frames
         voiced = min(clip.first_voiced(fps), len(frames) - 1)
+        first_on_air = 0.0
         self.stats.state, self.stats.current = "talking", job.job_id
         self.say(f"on air: job {job.job_id} ({len(frames)} frames)")
         for i, frame in enumerate(frames):
@@ -595,8 +648,11 @@ class Channel:
             self._pace(start, k)
             self._write_frame(frame, clip.samples(i, fps, count))
             self.stats.frames += 1
+            if i == 0:
+                first_on_air = time.time()
             if i == voiced:
-                latency = time.time() - job.received
+                now = time.time()
+                latency = now - job.received
                 self.stats.latencies.append(
                     {
                         "job": job.job_id,
@@ -604,6 +660,7 @@ class Channel:
                         "frame": k,  # the first talking frame, on the channel's clock
                         "first_frame": k - i,  # the job's first frame
                         "frames": len(frames),
+                        "parts": latency_parts(job, first_on_air, now),
                     }
                 )
                 self.say(f"job {job.job_id}: first talking frame on air {latency:.2f} s after")
@@ -651,6 +708,8 @@ class Channel:
         if job.state != states.SUCCEEDED:
             return
         assert job.output_key is not None
+        item.noticed = time.time()
+        item.finished = job.finished_at.timestamp() if job.finished_at else item.noticed
         self._busy_until = time.monotonic() + 3600
         try:
             with tempfile.TemporaryDirectory(prefix="farm-live-") as tmp:
@@ -665,7 +724,7 @@ class Channel:
             )
         if not clip.frames:
             raise PermanentError(f"job {item.job_id}'s video has no frames")
-        item.clip, item.state = clip, "ready"
+        item.clip, item.ready, item.state = clip, time.time(), "ready"
 
     def _drop(self, item: Pending, reason: str) -> None:
         with self.lock:
@@ -820,7 +879,7 @@ def on_job_hook(ctx: Context, channel: Channel) -> Callable[[str, Any], None]:
     def on_job(job_id: str, message: Any) -> None:
         session = getattr(message, "session_id", None) or ""
         try:
-            channel.add(job_id, session)
+            channel.add(job_id, session, getattr(message, "received", None))
         except QueueFull as exc:
             channel.stats.failures.append({"job": job_id, "error": str(exc), "at": time.time()})
             channel.say(str(exc))
@@ -850,7 +909,15 @@ def run(
         if not queue:
             raise InvalidInput("--amqp needs --queue NAME")
         consumer = intake.Consumer(
-            ctx, amqp, queue, avatar=spec.avatar, voice=voice, say=say, on_job=None
+            ctx,
+            amqp,
+            queue,
+            avatar=spec.avatar,
+            voice=voice,
+            say=say,
+            on_job=None,
+            fps=spec.fps,  # the channel's: jobs are not rendered at another size and scaled
+            size=spec.size,
         )
         consumer.check_defaults()
     channel = Channel(ctx, spec, say)

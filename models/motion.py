@@ -176,6 +176,37 @@ def idle_track(fps: int, seed: int, beats: int = IDLE_BEATS) -> np.ndarray:
     return clip_to_ranges(np.concatenate(parts)).astype(np.float32)
 
 
+IDLE_EXIT_EVERY_S = 0.4  # between the beats' cut points, a way out of the loop this often
+IDLE_EXIT_S = 0.24  # ... that eases the loop to the rest pose over this long
+
+
+def idle_exits(track: np.ndarray, fps: int) -> list[tuple[int, np.ndarray]]:
+    """Ways out of an idle loop (`idle_track`) between its cut points, so a job need not
+    wait up to a whole beat: (frame j, frames that follow loop frame j instead of j+1...),
+    the loop's own motion eased to ``rest_pose()`` (smoothstep: the loop's velocity at
+    the start, none at the end) so the exit's last frame is the rest pose exactly, a cut
+    point. None where a beat's cut point comes as soon, none through a blink (it would be
+    cut), and the mouth stays shut as in the loop."""
+    n = track.shape[0]
+    beat = idle_beat_frames(fps)
+    every = max(1, int(round(IDLE_EXIT_EVERY_S * fps)))
+    length = max(2, int(round(IDLE_EXIT_S * fps)))
+    rest = rest_pose()
+    blinks = [CHANNEL_INDEX["blink_left"], CHANNEL_INDEX["blink_right"]]
+    weight = _ease(np.arange(1, length + 1) / length)[:, None]
+    exits = []
+    for j in range(0, n, every):
+        if (beat - j % beat) % beat <= length:  # a cut point at j or within the exit's time
+            continue
+        follow = track[(j + 1 + np.arange(length)) % n].astype(np.float64)
+        if np.any(follow[:, blinks] > 0) or np.any(track[j, blinks] > 0):
+            continue
+        part = follow * (1.0 - weight) + rest * weight
+        part[-1] = rest
+        exits.append((j, part.astype(np.float32)))
+    return exits
+
+
 def frame_count(seconds: float, fps: int) -> int:
     # Exactly the plan stage's formula, float noise included, so that the counts agree.
     return int(math.ceil(seconds * fps))

@@ -4,8 +4,9 @@ Run as `python -m workers.live_idle AVATAR FPS WIDTH HEIGHT SEED OUT` (the chann
 it in a child, so the CLI never imports torch): renders the backend's idle plan
 (`renderer.idle_plan`, seamless, at the rest pose at every cut point) with exactly the
 renderer and avatar loading a worker does, into a lossless MP4 at OUT, and prints one
-JSON line: {"frames": N, "cuts": [frame, ...], "renderer": NAME}. An error is one line on
-stderr and exit status 1.
+JSON line: {"frames": N, "cuts": [frame, ...], "renderer": NAME, "loop": L, "exits":
+[frame, ...], "exit_frames": E} (frames L.. are the loop's exits, E frames each). An
+error is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -41,7 +42,17 @@ def render_idle(
         encoder.abort()
         raise
     cuts = [int(c) for c in plan.arrays.get("cuts", [0])]
-    return {"frames": plan.frame_count, "cuts": cuts, "renderer": renderer_name}
+    loop = int(plan.arrays["loop"][0]) if "loop" in plan.arrays else plan.frame_count
+    exits = [int(j) for j in plan.arrays.get("exit_from", [])]
+    length = int(plan.arrays["exit_frames"][0]) if exits else 0
+    return {
+        "frames": plan.frame_count,
+        "cuts": cuts,
+        "renderer": renderer_name,
+        "loop": loop,
+        "exits": exits,
+        "exit_frames": length,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,13 +85,24 @@ class PortraitRenderer:
 
     def idle_plan(self, avatar: PortraitAvatar, fps: int, size: tuple[int, int], seed: int) -> Plan:
         """A live channel's idle loop (models/motion.py idle_track): seamless, at the rest
-        pose at every cut point (`arrays["cuts"]`), where a job's plan starts and ends."""
-        from models.motion import idle_beat_frames, idle_track
+        pose at every cut point (`arrays["cuts"]`), where a job's plan starts and ends.
+        After the loop's `arrays["loop"]` frames come its exits (`idle_exits`), one after
+        the other: exit i leaves the loop after frame `arrays["exit_from"][i]`, takes
+        `arrays["exit_frames"]` frames and ends at the rest pose."""
+        from models.motion import idle_beat_frames, idle_exits, idle_track
 
         track = idle_track(fps, seed)
         cuts = np.arange(0, track.shape[0], idle_beat_frames(fps), dtype=np.int64)
+        exits = idle_exits(track, fps)
+        arrays = {
+            "cuts": cuts,
+            "loop": np.array([track.shape[0]], np.int64),
+            "exit_from": np.array([j for j, _ in exits], np.int64),
+            "exit_frames": np.array([len(exits[0][1]) if exits else 0], np.int64),
+        }
+        track = np.concatenate([track, *(part for _, part in exits)])
         width, height = size
-        return Plan(fps, width, height, seed, track, arrays={"cuts": cuts})
+        return Plan(fps, width, height, seed, track, arrays=arrays)
 
     def render(
         self, avatar: PortraitAvatar, plan: Plan, frames: range, sink: FrameSink

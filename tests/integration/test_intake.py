@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from farm.db import utcnow
 from farm.dispatch import InMemoryDispatcher
 from tests.conftest import need_service
 from tests.faultproxy import FaultProxy
-from tests.services import AMQP_URL, rabbitmq_up
+from tests.services import AMQP_URL, Broker, rabbitmq_up
 
 TEXT = "Hello, this is a test message."
 # An AMQP method frame of basic.ack (class 60, method 80), as a client sends it.
@@ -69,69 +68,6 @@ def text_message(text: str = TEXT, **extra: object) -> bytes:
 def audio_message(raw: bytes, fmt: str = "wav") -> bytes:
     doc = {"type": "audio", "data": base64.b64encode(raw).decode(), "format": fmt}
     return json.dumps({**doc, "session_id": "s-2", "timestamp": "2024-01-01T00:00:01Z"}).encode()
-
-
-class Broker:
-    """Queues of one test on the real RabbitMQ, and a connection to publish and read."""
-
-    def __init__(self) -> None:
-        import kombu
-
-        self.tag = uuid.uuid4().hex[:10]
-        self.queue = f"farm-test-intake-{self.tag}"
-        self.conn = kombu.Connection(AMQP_URL, transport_options={"confirm_publish": True})
-        self.conn.connect()
-        self.channel = self.conn.channel()
-        self.names = {self.queue, intake.dead_letter_name(self.queue)}
-        self.declare(self.queue)
-
-    def name(self, suffix: str) -> str:
-        return f"{self.queue}.{suffix}"
-
-    def declare(self, name: str) -> str:
-        self.names.add(name)
-        self.channel.queue_declare(queue=name, durable=True, auto_delete=False)
-        return name
-
-    def publish(self, body: bytes, queue: str | None = None, **props: object) -> None:
-        import kombu
-
-        kombu.Producer(self.channel).publish(
-            body,
-            exchange="",
-            routing_key=queue or self.queue,
-            content_type="application/json",
-            content_encoding="binary",
-            delivery_mode=2,
-            **props,
-        )
-
-    def counts(self, name: str) -> tuple[int, int]:
-        """(ready messages, consumers) of a queue."""
-        _, ready, consumers = self.channel.queue_declare(queue=name, passive=True)
-        return ready, consumers
-
-    def take(self, name: str, n: int, timeout: float = 30) -> list:
-        """n messages of a queue, acknowledged; fails after `timeout` seconds."""
-        got = []
-        deadline = time.monotonic() + timeout
-        while len(got) < n:
-            message = self.channel.basic_get(queue=name, no_ack=True)
-            if message is not None:
-                got.append(message)
-            elif time.monotonic() > deadline:
-                raise AssertionError(f"{len(got)} of {n} messages arrived on {name}")
-            else:
-                time.sleep(0.1)
-        return got
-
-    def close(self) -> None:
-        for name in self.names:
-            try:
-                self.channel.queue_delete(queue=name)
-            except Exception:
-                self.channel = self.conn.channel()
-        self.conn.close()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from farm.config import Settings
 from farm.context import Context
 from farm.dispatch import InMemoryDispatcher
 from models.base import CHANNEL_INDEX, Phone
-from models.motion import build_track, idle_beat_frames, idle_track, rest_pose
+from models.motion import build_track, idle_beat_frames, idle_exits, idle_track, rest_pose
 
 
 def _speech() -> tuple[list[Phone], float]:
@@ -65,6 +65,40 @@ def test_idle_loop_is_seamless_and_at_rest_on_every_cut(fps: int) -> None:
     # it lives: head motion (breathing) and a blink somewhere in the loop
     assert np.ptp(track[:, CHANNEL_INDEX["head_pitch"]]) > 0.01
     assert np.array_equal(track, idle_track(fps, seed=5))  # deterministic
+
+
+@pytest.mark.parametrize("fps", [24, 25, 30])
+def test_exits_leave_the_loop_smoothly_and_end_exactly_at_rest(fps: int) -> None:
+    """Between the beats' cut points the loop has exits: each carries on from its loop
+    frame, eases to the rest pose with no velocity left, never cuts a blink, keeps the
+    mouth shut, and none sits where a cut point comes as soon."""
+    track = idle_track(fps, seed=5)
+    beat = idle_beat_frames(fps)
+    exits = idle_exits(track, fps)
+    assert len(exits) >= 2 * (track.shape[0] // beat)  # a way out far more often than a beat
+    rest = rest_pose().astype(np.float32)
+    blinks = [CHANNEL_INDEX["blink_left"], CHANNEL_INDEX["blink_right"]]
+    mouth = [CHANNEL_INDEX[n] for n in ("jaw_open", "lip_spread", "lip_round", "lip_press")]
+    loop_step = np.abs(np.diff(track, axis=0)).max(axis=0)
+    for j, part in exits:
+        length = part.shape[0]
+        assert (beat - j % beat) % beat > length  # no cut point at or just after j
+        assert np.array_equal(part[-1], rest)
+        assert np.abs(part[-2] - rest).max() < 0.05  # eased: no jump into the rest pose
+        path = np.concatenate([track[j : j + 1], part])
+        assert np.abs(path[1] - track[(j + 1) % track.shape[0]]).max() <= loop_step.max()
+        assert (path[:, blinks] == 0).all() and (path[:, mouth] == rest[mouth]).all()
+        # no faster than the loop's own motion plus the ease (smoothstep's steepest slope
+        # is 1.5 / length) over the farthest the loop strays from the rest pose
+        bound = loop_step + 1.5 * np.abs(track - rest).max(axis=0) / length + 1e-6
+        assert (np.abs(np.diff(path, axis=0)) <= bound).all()
+
+
+def test_the_loop_goes_on_from_the_next_cut_point() -> None:
+    clip = live.Clip([b"x"] * 30, np.zeros(0, np.int16))
+    idle = live.IdleLoop(clip, frozenset({0, 10, 20}), "portrait", 24, {5: 24}, 6)
+    assert [idle.next_cut(p) for p in (0, 1, 10, 11, 21, 23)] == [0, 10, 10, 20, 0, 0]
+    assert live.IdleLoop(clip, frozenset({0}), "portrait").loop == 30
 
 
 def _channel(tmp_path, queue_max: int = 3) -> live.Channel:
