@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import jobs, manifest, pipeline, queries, script, states
+from farm import extras, jobs, manifest, pipeline, queries, script, states
 from farm.context import Context
 from farm.db import Batch, Job
 from farm.errors import InvalidInput, RetryableError
@@ -430,6 +430,7 @@ REPORT_FIELDS: tuple[str, ...] = (
     "job_id",
     "state",
     "output_url",
+    *extras.URL_FIELDS,
     "duration",
     "error",
 )
@@ -452,6 +453,7 @@ def _job_entry(ctx: Context, name: str, job: Job) -> dict[str, Any]:
         "output_url": ctx.store.url(job.output_key) if job.output_key else None,
         "duration": duration,  # seconds from submission to the end, queueing included
         "error": job.error,
+        **extras.artifact_urls(job, ctx.store.url),
     }
 
 

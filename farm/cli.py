@@ -255,6 +255,20 @@ def _check_seed(seed: int | None) -> None:
     help="ditto: angry, disgust, fear, happy, neutral, sad, surprise or contempt "
     "[default: the checkpoint's, neutral].",
 )
+@click.option(
+    "--captions",
+    type=click.Choice(["off", "file", "burn"]),
+    default="file",
+    show_default=True,
+    help="SRT and WebVTT beside the video (file), also drawn into it (burn), or none (off).",
+)
+@click.option(
+    "--poster-at",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="The poster's time [default: the first frame with open eyes after 1 s].",
+)
 @click.option("--wait", is_flag=True, help="Show progress and wait for the video.")
 @click.option(
     "--output",
@@ -284,6 +298,8 @@ def submit(
     ditto_steps: int | None,
     eyes: str | None,
     emotion: str | None,
+    captions: str,
+    poster_at: float | None,
     wait: bool,
     output: Path | None,
     webhook: str | None,
@@ -327,6 +343,8 @@ def submit(
         webhook=webhook,
         renderer=renderer,
         options=jobs.renderer_options(ditto_steps, emotion, eyes),
+        captions=captions,
+        poster_at=poster_at,
     )
     ctx = make_context()
     job_id = jobs.submit(ctx, request)
@@ -466,6 +484,10 @@ def status(job_id: str) -> None:
         click.echo(f"error     {job.error}")
     if job.output_key:
         click.echo(f"output    {ctx.store.url(job.output_key)}")
+    from farm import extras
+
+    for name, key in extras.artifact_keys(job).items():
+        click.echo(f"{name:<9} {ctx.store.url(key)}")
 
 
 @main.command(name="jobs")

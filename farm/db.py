@@ -102,6 +102,9 @@ class Job(Base):
     # renderer options (migration 0005): what `submit` asked of the backend, e.g.
     # {"steps": 10, "emotion": 3} for Ditto; None: the backend's defaults
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # delivery options (migration 0006): {"captions": "off"|"file"|"burn", "poster_at":
+    # seconds or None}; None: a job from before captions, posters and previews
+    delivery: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Batch(Base):

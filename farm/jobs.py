@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import pipeline, queries, states, webhooks
+from farm import extras, pipeline, queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
 from farm.errors import InvalidInput, RetryableError
@@ -87,6 +87,10 @@ class JobRequest:
     # The backend's own options (models/registry.py RENDERER_OPTIONS), e.g. Ditto's
     # {"steps": 10, "emotion": 3}; checked against the job's renderer at submit.
     options: dict[str, int] | None = None
+    # Captions ("off", "file": SRT and WebVTT beside the video, "burn": also drawn into
+    # it) and the poster's time in seconds (None: chosen by rule); farm/extras.py.
+    captions: str = "file"
+    poster_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ def validate(ctx: Context, req: JobRequest) -> Validated:
         raise InvalidInput(f"fps must be within 1..60, got {req.fps}")
     if not 1 <= req.chunk_frames <= 10_000:
         raise InvalidInput(f"chunk frames must be within 1..10000, got {req.chunk_frames}")
+    extras.check_delivery(req.captions, req.poster_at, req.audio_wav)
     with ctx.session() as s:
         avatar = queries.get_avatar(s, req.avatar)
     if avatar is None and req.avatar not in BUILTIN_AVATARS:
@@ -147,6 +152,7 @@ def new_row(
         priority=req.priority,
         webhook_url=webhook_url,
         options=req.options or None,
+        delivery={"captions": req.captions, "poster_at": req.poster_at},
         **batch_fields,
     )
 

@@ -54,6 +54,10 @@ class VideoFormat:
     codec: str = "libx264"
     crf: int = 20
     preset: str = "veryfast"
+    # Captions burnt in (the delivered video only): an ASS file (farm.captions.to_ass)
+    # and the folder of its font (caption_font); "" for none.
+    subtitles: str = ""
+    fontsdir: str = ""
 
     @classmethod
     def chunk(cls, width: int, height: int, fps: int, codec: str = "libx264") -> VideoFormat:
@@ -113,10 +117,12 @@ def final_argv(exe: str, fmt: VideoFormat, audio: Path, out: Path) -> list[str]:
     video encoded once, the audio as AAC, the index up front for streaming."""
     video = ffmpeg.input(
         "pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{fmt.width}x{fmt.height}", r=fmt.fps
-    )
+    ).video
+    if fmt.subtitles:
+        video = video.filter("subtitles", filename=fmt.subtitles, fontsdir=fmt.fontsdir)
     sound = ffmpeg.input(str(audio))
     stream = ffmpeg.output(
-        video.video,
+        video,
         sound.audio,
         str(out),
         r=fmt.fps,
@@ -251,3 +257,68 @@ class FrameEncoder:
         assert self._proc.stderr is not None
         self._proc.wait()
         return _tail(self._proc.stderr.read().decode("utf-8", "replace"))
+
+
+# --- captions font, poster, preview ------------------------------------------------------
+
+CAPTION_FONT_FILE = "DejaVuSans.ttf"  # its family is farm.captions.FONT_NAME
+_FONT_DIRS = (
+    "/usr/share/fonts/truetype/dejavu",  # Debian, Ubuntu
+    "/usr/share/fonts/dejavu-sans-fonts",  # Fedora
+    "/usr/share/fonts/dejavu",
+    "/usr/share/fonts/TTF",  # Arch
+    "/usr/local/share/fonts",
+    "/Library/Fonts",
+)
+
+
+@cache
+def caption_font() -> str:
+    """The folder holding DejaVu Sans for burnt-in captions: the system's, else the copy
+    inside matplotlib (which mediapipe, a dependency, installs), so a fresh machine
+    without fonts still burns captions. PermanentError when none is found."""
+    import importlib.util
+
+    dirs = list(_FONT_DIRS)
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        dirs.append(str(Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf"))
+    for d in dirs:
+        if (Path(d) / CAPTION_FONT_FILE).is_file():
+            return d
+    raise PermanentError(f"no {CAPTION_FONT_FILE} found for burnt-in captions (looked in {dirs})")
+
+
+def poster_argv(exe: str, video: Path, seconds: float, out: Path) -> list[str]:
+    """One frame at `seconds` (seeking decodes up to it: frame-exact) as a JPEG."""
+    return _quiet(
+        [exe, "-ss", f"{seconds:.4f}", "-i", str(video), "-frames:v", "1", "-q:v", "2"]
+        + ["-update", "1", "-y", str(out)]
+    )
+
+
+def preview_argv(
+    exe: str, video: Path, start: float, seconds: float, width: int, fps: int, out: Path
+) -> list[str]:
+    """A looping animated WebP of `seconds` from `start`, `width` wide, `fps` a second."""
+    vf = f"fps={fps},scale={width}:-2:flags=lanczos"
+    return _quiet(
+        [exe, "-ss", f"{start:.4f}", "-t", f"{seconds:.4f}", "-i", str(video), "-an"]
+        + ["-vf", vf, "-c:v", "libwebp_anim", "-loop", "0", "-quality", "70", "-y", str(out)]
+    )
+
+
+def make_poster(video: Path, seconds: float, out: Path) -> Path:
+    run_ffmpeg(poster_argv(ffmpeg_exe(), video, seconds, out))
+    if not out.is_file() or out.stat().st_size == 0:
+        raise PermanentError(f"ffmpeg made no poster at {seconds:.3f} s")
+    return out
+
+
+def make_preview(
+    video: Path, start: float, seconds: float, width: int, fps: int, out: Path
+) -> Path:
+    run_ffmpeg(preview_argv(ffmpeg_exe(), video, start, seconds, width, fps, out))
+    if not out.is_file() or out.stat().st_size == 0:
+        raise PermanentError("ffmpeg made no preview")
+    return out

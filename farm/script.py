@@ -6,6 +6,7 @@ import math
 import re
 import unicodedata
 
+from farm import markup
 from farm.config import Settings
 from farm.errors import InvalidInput
 
@@ -58,8 +59,20 @@ def split_script(text: str, max_chars: int, pause_ms: int) -> list[tuple[str, in
 
     Sentences are grouped up to the limit so TTS calls are few but parallel; a
     paragraph break gets twice the pause of a sentence break, and the last
-    segment gets none.
+    segment gets none. A marked-up script (farm/markup.py) is parsed first: its
+    breaks are pauses, and its segment texts carry emphasis and rate marks
+    (markup.speech_of reads them back).
     """
+    if markup.is_markup(text):
+        return markup.segments(text, lambda body: _split(body, max_chars, pause_ms))
+    out = _split(text, max_chars, pause_ms)
+    if not out:
+        raise InvalidInput("the script is empty: it has no words to speak")
+    out[-1] = (out[-1][0], 0)
+    return out
+
+
+def _split(text: str, max_chars: int, pause_ms: int) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for paragraph in _PARAGRAPH.split(text):
         words = " ".join(paragraph.split())
@@ -68,16 +81,17 @@ def split_script(text: str, max_chars: int, pause_ms: int) -> list[tuple[str, in
         pieces = _pack(_sentences(words, max_chars), max_chars)
         out.extend((p, pause_ms) for p in pieces[:-1])
         out.append((pieces[-1], 2 * pause_ms))
-    if not out:
-        raise InvalidInput("the script is empty: it has no words to speak")
-    out[-1] = (out[-1][0], 0)
     return out
 
 
 def min_seconds(text: str, max_segment_chars: int, pause_ms: int) -> float:
     """A lower bound of how long `text` takes to speak: its characters at the fastest
     rate, plus the pauses between its segments (each paragraph adds one)."""
-    pauses = sum(p for _, p in split_script(text, max_segment_chars, pause_ms)) / 1000
+    parts = split_script(text, max_segment_chars, pause_ms)
+    pauses = sum(p for _, p in parts) / 1000
+    if markup.is_markup(text):  # the words, not the tags (spoken at up to twice the rate)
+        chars = sum(len(markup.speech_of(t)[0]) for t, _ in parts) / markup.MAX_RATE
+        return chars / SPOKEN_CHARS_PER_SECOND + pauses
     return len(text) / SPOKEN_CHARS_PER_SECOND + pauses
 
 

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
-from farm import queries, states
+from farm import extras, queries, states
 from farm.config import Settings
 from farm.context import Context
 from farm.db import Job, WebhookAttempt, WebhookDelivery, utcnow
@@ -265,6 +265,8 @@ def job_event_data(ctx: Context, job: Job) -> dict[str, Any]:
         "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),
         "output_url": output_url(ctx, job.output_key) if job.output_key else None,
+        # captions, poster and preview (farm/extras.py): None where the job has none
+        **extras.artifact_urls(job, lambda key: output_url(ctx, key)),
     }
     if job.state == states.FAILED:
         data["error"] = job.error

@@ -44,6 +44,7 @@ class Phone:
     start: float
     end: float
     stress: int = 0  # 0 none, 1 secondary, 2 primary (from the phonemizer's marks)
+    emphasis: bool = False  # inside <emphasis> of a marked-up script (farm/markup.py)
 
 
 @dataclass

@@ -62,6 +62,11 @@ _PAUSE_MARGIN_S = 0.08  # lips may still be moving this close to the pause edges
 _REST_JAW = 0.02
 _REST_OTHER = 0.05
 _VOWEL_JAW_BY_STRESS = (0.85, 0.95, 1.1)
+# <emphasis> in a marked-up script (Phone.emphasis): the jaw of its vowels opens wider, the
+# head nods on its stressed vowels (about twice an ordinary nod) and the brows rise over it.
+EMPHASIS_JAW = 1.35
+EMPHASIS_NOD = 0.1
+EMPHASIS_BROW = 0.8
 
 _J = {name: MOUTH_CHANNELS.index(name) for name in MOUTH_CHANNELS}
 
@@ -103,7 +108,8 @@ def build_track(
     head = head_track(streams[2], phones, times)
     for name, values in zip(("head_yaw", "head_pitch", "head_roll"), head, strict=True):
         track[:, CHANNEL_INDEX[name]] = values
-    track[:, CHANNEL_INDEX["brow_raise"]] = brow_track(streams[3], phones, times)
+    brows = brow_track(streams[3], phones, times)
+    track[:, CHANNEL_INDEX["brow_raise"]] = np.maximum(brows, emphasis_brow_track(phones, times))
     return clip_to_ranges(settle_ends(track, fps)).astype(np.float32)
 
 
@@ -249,6 +255,8 @@ def viseme_segments(phones: list[Phone]) -> tuple[np.ndarray, np.ndarray, np.nda
             target = targets(viseme).astype(np.float64)
             if is_vowel(phone.symbol):
                 target[_J["jaw_open"]] *= _VOWEL_JAW_BY_STRESS[min(max(phone.stress, 0), 2)]
+                if phone.emphasis:
+                    target[_J["jaw_open"]] *= EMPHASIS_JAW
             starts.append(cursor)
             rows.append(target)
             weights.append(dominance(viseme).astype(np.float64))
@@ -655,7 +663,7 @@ def head_track(
     """Yaw, pitch, roll: drift that calms in pauses, plus nods on stressed syllables."""
     activity = 0.35 + 0.65 * _activity(phones, times, 0.6)
     yaw, pitch, roll = (activity * _drift(rng, times, a) for a in _HEAD_DRIFT)
-    pitch = pitch + nod_track(rng, phones, times)
+    pitch = pitch + nod_track(rng, phones, times) + emphasis_nod_track(phones, times)
     roll = roll + 0.2 * yaw  # the head tilts a little into a turn
     return yaw, pitch, roll
 
@@ -688,4 +696,50 @@ def brow_track(rng: np.random.Generator, phones: list[Phone], times: np.ndarray)
         last = vowel.start
         shape = _pulse(times, vowel.start - 0.2, 0.2, vowel.end - vowel.start, 0.4)
         out = np.maximum(out, rng.uniform(0.35, 0.7) * shape)
+    return out
+
+
+# --- emphasis (marked-up scripts) --------------------------------------------------------------
+
+_EMPHASIS_JOIN_S = 0.25  # emphasised words this close together are one emphasis
+
+
+def emphasis_runs(phones: list[Phone]) -> list[list[Phone]]:
+    """The sounds of each stretch of emphasised words (Phone.emphasis), in order."""
+    runs: list[list[Phone]] = []
+    joinable = False
+    for phone in phones:
+        if phone.emphasis and not is_silence(phone.symbol):
+            if joinable and runs and phone.start - runs[-1][-1].end < _EMPHASIS_JOIN_S:
+                runs[-1].append(phone)
+            else:
+                runs.append([phone])
+            joinable = True
+        elif not is_silence(phone.symbol):
+            joinable = False
+    return runs
+
+
+def emphasis_nod_track(phones: list[Phone], times: np.ndarray) -> np.ndarray:
+    """A firm nod on each emphasised stressed vowel (the first vowel of a stretch without
+    one); no random draws, so scripts without emphasis keep their head track exactly."""
+    out = np.zeros(times.size)
+    last = -math.inf
+    for run in emphasis_runs(phones):
+        vowels = [p for p in run if is_vowel(p.symbol)]
+        stressed = [p for p in vowels if p.stress == 2] or vowels[:1]
+        for vowel in stressed:
+            if vowel.start - last < _NOD_MIN_GAP_S:
+                continue
+            last = vowel.start
+            out += EMPHASIS_NOD * _pulse(times, vowel.start - 0.1, 0.15, 0.0, 0.25)
+    return out
+
+
+def emphasis_brow_track(phones: list[Phone], times: np.ndarray) -> np.ndarray:
+    """Brows up just before each emphasised stretch, held through it, eased down."""
+    out = np.zeros(times.size)
+    for run in emphasis_runs(phones):
+        start, end = run[0].start, run[-1].end
+        out = np.maximum(out, EMPHASIS_BROW * _pulse(times, start - 0.2, 0.2, end - start, 0.4))
     return out

@@ -21,7 +21,8 @@ def assemble_audio(
         if seg_rate != rate:
             raise InvalidInput(f"segments disagree on sample rate ({seg_rate} vs {rate})")
         phones.extend(
-            Phone(p.symbol, p.start + offset, p.end + offset, p.stress) for p in seg_phones
+            Phone(p.symbol, p.start + offset, p.end + offset, p.stress, p.emphasis)
+            for p in seg_phones
         )
         silence = np.zeros(int(pause_ms * rate / 1000), np.int16)
         pieces += [samples.astype(np.int16), silence]

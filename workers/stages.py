@@ -14,6 +14,7 @@ failed or redelivered member cannot wedge the job.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -28,10 +29,30 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from farm import batches, encoders, jobs, pipeline, queries, states, webhooks
+from farm import (
+    batches,
+    captions,
+    encoders,
+    extras,
+    jobs,
+    markup,
+    pipeline,
+    queries,
+    states,
+    webhooks,
+)
 from farm.context import Context
 from farm.errors import Cancelled, InvalidInput, PermanentError
-from farm.media import EncodeFailed, FrameEncoder, VideoFormat, count_frames, join_and_encode
+from farm.media import (
+    EncodeFailed,
+    FrameEncoder,
+    VideoFormat,
+    caption_font,
+    count_frames,
+    join_and_encode,
+    make_poster,
+    make_preview,
+)
 from farm.script import check_frames, split_script
 from farm.stores import chunk_key, job_key
 from models import tts
@@ -100,7 +121,9 @@ def speak(ctx: Context, job_id: str, idx: int) -> float:
     if audio_key:
         speech = _recognise(ctx, job_id, audio_key)
     else:
-        speech = tts.synthesize(text, voice)
+        # A marked-up script's segment carries its rate and emphasis (farm/markup.py).
+        words, rate, emphasis = markup.speech_of(text)
+        speech = tts.synthesize(words, voice, rate, emphasis)
     wav = io.BytesIO()
     write_wav(speech, wav)
     ctx.store.put_bytes(job_key(job_id, "audio", f"{idx:04d}.wav"), wav.getvalue())
@@ -119,10 +142,15 @@ def _recognise(ctx: Context, job_id: str, audio_key: str) -> Speech:
     from models import asr
 
     samples, rate = read_wav(io.BytesIO(ctx.store.get_bytes(audio_key)))
-    speech, transcript = asr.speech_from_audio(samples, rate)
+    result = asr.recognise(samples, rate)
+    words = [captions.Word(w.text, w.start, w.end) for w in result.words]
+    ctx.store.put_bytes(  # the captions' timings (plan gathers them into words.json)
+        job_key(job_id, "audio", "0000.words.json"),
+        json.dumps(captions.words_to_json(words)).encode(),
+    )
     with ctx.session() as s:
-        queries.set_transcript(s, job_id, transcript)
-    return speech
+        queries.set_transcript(s, job_id, result.transcript)
+    return Speech(samples=samples, sample_rate=rate, phones=result.phones)
 
 
 def segment_finished(ctx: Context, job_id: str, idx: int, seconds: float) -> bool:
@@ -175,19 +203,24 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         job = queries.get_job(s, job_id)
         if job.state != states.PLANNING:
             return []
-        segments = [(seg.idx, seg.pause_after_ms) for seg in queries.get_segments(s, job_id)]
+        rows = queries.get_segments(s, job_id)
+        segments = [(seg.idx, seg.pause_after_ms) for seg in rows]
+        texts = [markup.speech_of(seg.text)[0] if seg.text else "" for seg in rows]
         avatar_name, renderer_name, options = job.avatar, job.renderer, job.options
+        poster_at = (job.delivery or {}).get("poster_at")
         fps, size, seed, chunk_frames = job.fps, (job.width, job.height), job.seed, job.chunk_frames
         lead_in, tail = jobs.padding(bool(job.audio_key))
-    samples, rate, phones = assemble_audio(
-        [_stored_segment(ctx, job_id, idx, pause_ms) for idx, pause_ms in segments],
-        lead_in,
-        tail,
-    )
+    parts = [_stored_segment(ctx, job_id, idx, pause_ms) for idx, pause_ms in segments]
+    samples, rate, phones = assemble_audio(parts, lead_in, tail)
     seconds = len(samples) / rate
     # Submission checked an estimate; the spoken length is exact. InvalidInput is a
     # PermanentError: the job fails at once, with this reason.
     check_frames(seconds, fps, ctx.settings.max_job_frames, "the speech", estimate=False)
+    extras.check_poster_at(poster_at, seconds)
+    words = _job_words(ctx, job_id, parts, texts, lead_in)
+    ctx.store.put_bytes(
+        job_key(job_id, extras.WORDS), json.dumps(captions.words_to_json(words)).encode()
+    )
     speech = Speech(samples=samples, sample_rate=rate, phones=phones)
     wav = io.BytesIO()
     write_wav(speech, wav)
@@ -223,6 +256,25 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         jobs.clean_if_cancelled(ctx, job_id)  # the audio and plan just written
         return []
     return ranges
+
+
+def _job_words(
+    ctx: Context, job_id: str, parts: list[tuple[Any, ...]], texts: list[str], lead_in: float
+) -> list[captions.Word]:
+    """Every word of the job on its timeline (the captions' timings): an audio job's from
+    the recogniser, a script's spread over each segment's phones (farm/captions.py). The
+    offsets are assemble_audio's."""
+    words: list[captions.Word] = []
+    offset = lead_in
+    for (samples, rate, phones, pause_ms), text in zip(parts, texts, strict=True):
+        key = job_key(job_id, "audio", "0000.words.json")
+        if not text and ctx.store.exists(key):
+            heard = captions.words_from_json(json.loads(ctx.store.get_bytes(key)))
+            words += [captions.Word(w.text, w.start + offset, w.end + offset) for w in heard]
+        else:
+            words += captions.words_from_phones(text, phones, offset)
+        offset += (len(samples) + int(pause_ms * rate / 1000)) / rate
+    return words
 
 
 def _stored_segment(ctx: Context, job_id: str, idx: int, pause_ms: int) -> tuple[Any, ...]:
@@ -361,12 +413,18 @@ def join(ctx: Context, job_id: str) -> None:
         setting = ctx.settings.video_encoder
         fmt = VideoFormat.delivery(job.width, job.height, job.fps, encoders.codec_for(setting))
         final = job.target_key or job_key(job_id, "final.mp4")
+        delivery = job.delivery
     with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
         work = Path(tmp)
         parts = [
             ctx.store.get_file(chunk_key(job_id, i), work / f"{i:05d}.mp4") for i in range(n_chunks)
         ]
         audio = ctx.store.get_file(job_key(job_id, "audio.wav"), work / "audio.wav")
+        cues = _captions(ctx, job_id, delivery, expected / fmt.fps)
+        if cues and delivery and delivery.get("captions") == "burn":
+            ass = work / "captions.ass"
+            ass.write_text(captions.to_ass(cues, fmt.width, fmt.height), encoding="utf-8")
+            fmt = dataclasses.replace(fmt, subtitles=str(ass), fontsdir=caption_font())
         out = work / "final.mp4"
         try:
             join_and_encode(parts, audio, out, fmt)
@@ -375,12 +433,61 @@ def join(ctx: Context, job_id: str) -> None:
         frames = count_frames(out)
         if frames != expected:
             raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")
+        if delivery:
+            _poster_and_preview(ctx, job_id, out, delivery, expected, fmt.fps, work)
         ctx.store.put_file(final, out)
     if jobs.clean_if_cancelled(ctx, job_id, final):
         raise Cancelled(f"job {job_id} was cancelled")
     with ctx.session() as s:
         queries.record_timing(s, job_id, "mux", time.perf_counter() - started)
         queries.transition(s, job_id, states.PUBLISHING)
+
+
+def _captions(
+    ctx: Context, job_id: str, delivery: dict[str, Any] | None, seconds: float
+) -> list[captions.Cue]:
+    """Write the job's SRT and WebVTT (unless its captions are off) and return the cues.
+    A job from before captions (no delivery) has none."""
+    if not delivery or delivery.get("captions") == "off":
+        return []
+    key = job_key(job_id, extras.WORDS)
+    words = captions.words_from_json(json.loads(ctx.store.get_bytes(key)))
+    cues = captions.make_cues(words, total=seconds)
+    ctx.store.put_bytes(job_key(job_id, extras.CAPTIONS_SRT), captions.to_srt(cues).encode())
+    ctx.store.put_bytes(job_key(job_id, extras.CAPTIONS_VTT), captions.to_vtt(cues).encode())
+    return cues
+
+
+def _poster_and_preview(
+    ctx: Context,
+    job_id: str,
+    video: Path,
+    delivery: dict[str, Any],
+    frame_count: int,
+    fps: int,
+    work: Path,
+) -> None:
+    """The poster (frame by rule, farm/extras.py) and the animated preview, to the store."""
+    motion = Plan.from_bytes(ctx.store.get_bytes(job_key(job_id, "plan.npz")))
+    closed = None
+    if "blink_left" in motion.channels and "blink_right" in motion.channels:
+        left = motion.track[:, motion.channels.index("blink_left")]
+        right = motion.track[:, motion.channels.index("blink_right")]
+        closed = np.maximum(left, right)
+    frame = extras.poster_frame(frame_count, fps, delivery.get("poster_at"), closed)
+    at = frame / fps
+    poster = make_poster(video, at, work / extras.POSTER)
+    ctx.store.put_file(job_key(job_id, extras.POSTER), poster)
+    start = extras.preview_start(at, frame_count / fps)
+    preview = make_preview(
+        video,
+        start,
+        extras.PREVIEW_SECONDS,
+        extras.preview_width(motion.width),
+        extras.PREVIEW_FPS,
+        work / extras.PREVIEW,
+    )
+    ctx.store.put_file(job_key(job_id, extras.PREVIEW), preview)
 
 
 # --- publish ----------------------------------------------------------------

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 from farm.errors import InvalidInput
 from models.base import Phone, Speech
-from models.tts.phones import phones_from_json, phones_from_raw, phones_to_json
+from models.tts.phones import (
+    mark_emphasis,
+    phones_from_json,
+    phones_from_raw,
+    phones_to_json,
+    word_starts,
+)
 from models.visemes import SILENCE
 from models.wav import SAMPLE_RATE
 
@@ -34,8 +40,17 @@ __all__ = [
 VOICES: tuple[str, ...] = ("joe", "espeak")
 
 
-def synthesize(text: str, voice: str = "joe") -> Speech:
+def synthesize(
+    text: str,
+    voice: str = "joe",
+    rate: float = 1.0,
+    emphasis: list[tuple[int, int]] | tuple[()] = (),
+) -> Speech:
     """Speak `text` with `voice`; phones are relative to the start of the returned audio.
+
+    `rate`: times the voice's own speed. `emphasis`: character spans of `text` whose
+    words' phones get ``Phone.emphasis`` (farm/markup.py). With neither, the result is
+    exactly that of the text alone.
 
     Raises InvalidInput for an unknown voice or text with nothing to say, and
     MissingDependency when the engine's package is not installed.
@@ -44,15 +59,56 @@ def synthesize(text: str, voice: str = "joe") -> Speech:
         raise InvalidInput(f"unknown voice {voice!r}; valid voices: {', '.join(VOICES)}")
     if not isinstance(text, str) or not text.strip():
         raise InvalidInput("nothing to synthesise: the text is empty")
+    if not 0.25 <= rate <= 4.0:
+        raise InvalidInput(f"speaking rate {rate} is out of range")
+    lead = len(text) - len(text.lstrip())
+    spoken = text.strip()
+    spans = [(max(a - lead, 0), max(b - lead, 0)) for a, b in emphasis if b > a]
+    words: list[tuple[float, int]] = []
     if voice == "joe":
-        from models.tts import piper as engine
+        from models.tts import piper
+
+        samples, raw = piper.synthesize(spoken, rate)
     else:
-        from models.tts import espeak as engine
-    samples, raw = engine.synthesize(text.strip())
+        from models.tts import espeak
+
+        samples, raw = espeak.synthesize(spoken, rate, words)
     if samples.size == 0:
         raise InvalidInput(f"the text produced no speech: {text[:60]!r}")
     seconds = samples.size / SAMPLE_RATE
-    return Speech(samples=samples, sample_rate=SAMPLE_RATE, phones=phones_from_raw(raw, seconds))
+    phones = phones_from_raw(raw, seconds)
+    if spans:
+        if voice == "espeak":
+            phones = mark_emphasis(phones, _espeak_spans(words, spans))
+        else:
+            phones = mark_emphasis(phones, _piper_spans(raw, spoken, spans))
+    return Speech(samples=samples, sample_rate=SAMPLE_RATE, phones=phones)
+
+
+def _piper_spans(raw: list, text: str, spans: list[tuple[int, int]]) -> list[tuple[float, float]]:
+    """Seconds of each span's words: Piper's tokens mark word boundaries but not where
+    in the text a word is, so a span is the words phonemized before its start up to
+    those phonemized before its end (espeak-ng, Piper's own phonemizer, counts them)."""
+    starts = word_starts(raw)
+    out = []
+    for a, b in spans:
+        first = len(phonemize(text[:a]).split()) if text[:a].strip() else 0
+        last = len(phonemize(text[:b]).split())
+        if first < last and first < len(starts):
+            out.append((starts[first], starts[last] if last < len(starts) else float("inf")))
+    return out
+
+
+def _espeak_spans(
+    words: list[tuple[float, int]], spans: list[tuple[int, int]]
+) -> list[tuple[float, float]]:
+    """Seconds of each span's words from espeak's word events (start, character index)."""
+    out = []
+    for i, (start, at) in enumerate(words):
+        if any(a <= at < b for a, b in spans):
+            end = words[i + 1][0] if i + 1 < len(words) else float("inf")
+            out.append((start, end))
+    return out
 
 
 def phonemize(text: str) -> str:

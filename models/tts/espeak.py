@@ -21,10 +21,16 @@ from models.tts.phones import Raw
 from models.wav import SAMPLE_RATE, normalise_peak, resample, to_float, to_int16
 
 
-def synthesize(text: str) -> tuple[np.ndarray, list[Raw]]:
-    """`text` spoken at SAMPLE_RATE as int16, and its timed phoneme events."""
+def synthesize(
+    text: str, rate: float = 1.0, words: list[tuple[float, int]] | None = None
+) -> tuple[np.ndarray, list[Raw]]:
+    """`text` spoken at SAMPLE_RATE as int16, and its timed phoneme events; `rate` times
+    the voice's own speed. `words`, when given, receives each word's (start seconds,
+    0-based character index in `text`)."""
     engine = _engine()
-    samples, events = engine.speak(text)
+    samples, events, word_events = engine.speak(text, rate)
+    if words is not None:
+        words.extend((ms / 1000.0, max(pos - 1, 0)) for ms, pos in word_events)
     if samples.size == 0:
         return samples, []
     samples = resample(to_int16(normalise_peak(to_float(samples))), engine.rate, SAMPLE_RATE)
@@ -110,6 +116,8 @@ _CHARS_UTF8 = 1
 _POS_CHARACTER = 1
 _EVENT_LIST_TERMINATED = 0
 _EVENT_PHONEME = 7
+_EVENT_WORD = 1
+_PARAMETER_RATE = 1
 # espeak_TextToPhonemes phonememode: bit 1 IPA, bits 8-23 the separator between phones.
 _PHONEMES_IPA_SEPARATED = 0x02 | (ord("_") << 8)
 _VOICE = b"en-us"
@@ -179,21 +187,32 @@ class _Espeak:
         self._lock = threading.Lock()
         self._audio: list[np.ndarray] = []
         self._events: list[tuple[str, int]] = []
+        self._words: list[tuple[int, int]] = []
         self._callback = _SYNTH_CALLBACK(self._on_synth)  # kept alive as long as the library
         lib.espeak_SetSynthCallback(self._callback)
 
-    def speak(self, text: str) -> tuple[np.ndarray, list[tuple[str, int]]]:
-        """`text` as int16 at the library's rate, and its (phoneme, milliseconds) events."""
+    def speak(
+        self, text: str, rate: float = 1.0
+    ) -> tuple[np.ndarray, list[tuple[str, int]], list[tuple[int, int]]]:
+        """`text` as int16 at the library's rate, its (phoneme, milliseconds) events and
+        its (milliseconds, 1-based character position) word events."""
         encoded = text.encode("utf-8")
         with self._lock:
-            self._audio, self._events = [], []
-            status = self._lib.espeak_Synth(
-                encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
-            )
+            self._audio, self._events, self._words = [], [], []
+            default = self._lib.espeak_GetParameter(_PARAMETER_RATE, 1)
+            if rate != 1.0:
+                self._lib.espeak_SetParameter(_PARAMETER_RATE, int(round(default * rate)), 0)
+            try:
+                status = self._lib.espeak_Synth(
+                    encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+                )
+            finally:
+                if rate != 1.0:
+                    self._lib.espeak_SetParameter(_PARAMETER_RATE, default, 0)
             if status != 0:
                 raise PermanentError(f"espeak-ng synthesis failed (code {status})")
             audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.int16)
-            return audio.astype(np.int16), list(self._events)
+            return audio.astype(np.int16), list(self._events), list(self._words)
 
     def phonemes(self, text: str) -> str:
         """IPA of `text` without synthesising it: phones separated by "_", words by " "."""
@@ -218,5 +237,7 @@ class _Espeak:
             if event.type == _EVENT_PHONEME:
                 name = bytes(event.id).split(b"\0", 1)[0].decode("utf-8", "ignore")
                 self._events.append((name, event.audio_position))
+            elif event.type == _EVENT_WORD:
+                self._words.append((event.audio_position, event.text_position))
             i += 1
         return 0  # continue synthesis

@@ -35,9 +35,11 @@ def phones_from_raw(raw: list[Raw], total: float) -> list[Phone]:
 
 
 def phones_to_json(phones: list[Phone]) -> list[dict[str, Any]]:
-    """Phones as plain dicts for JSON storage."""
+    """Phones as plain dicts for JSON storage ("emphasis" only where it is set)."""
     return [
-        {"symbol": p.symbol, "start": p.start, "end": p.end, "stress": p.stress} for p in phones
+        {"symbol": p.symbol, "start": p.start, "end": p.end, "stress": p.stress}
+        | ({"emphasis": True} if p.emphasis else {})
+        for p in phones
     ]
 
 
@@ -50,6 +52,7 @@ def phones_from_json(items: list[dict[str, Any]]) -> list[Phone]:
                 start=float(item["start"]),
                 end=float(item["end"]),
                 stress=int(item.get("stress", 0)),
+                emphasis=bool(item.get("emphasis", False)),
             )
             for item in items
         ]
@@ -59,6 +62,25 @@ def phones_from_json(items: list[dict[str, Any]]) -> list[Phone]:
         if phone.end < phone.start or phone.stress not in (0, 1, 2):
             raise InvalidInput(f"malformed phone timing: {phone}")
     return phones
+
+
+def word_starts(raw: list[Raw]) -> list[float]:
+    """When each spoken word of an engine's tokens starts (words as the phone list folds
+    them: a word boundary or a pause opens one), in seconds."""
+    builder = _PhoneBuilder()
+    for text, start, end in raw:
+        builder.add(text, start, end)
+    return [d.start for d in builder.finish() if d.word_initial and not d.silent]
+
+
+def mark_emphasis(phones: list[Phone], spans: list[tuple[float, float]]) -> list[Phone]:
+    """The phones with `emphasis` set on every sound whose middle lies in one of `spans`."""
+    out = []
+    for p in phones:
+        middle = (p.start + p.end) / 2
+        hit = p.symbol != SILENCE and any(a <= middle < b for a, b in spans)
+        out.append(Phone(p.symbol, p.start, p.end, p.stress, True) if hit else p)
+    return out
 
 
 # --- folding tokens into phones ---------------------------------------------------------------

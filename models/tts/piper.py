@@ -21,14 +21,18 @@ from models.wav import PEAK, SAMPLE_RATE, resample, to_int16
 _LOGGER = logging.getLogger(__name__)
 
 
-def synthesize(text: str) -> tuple[np.ndarray, list[Raw]]:
-    """`text` spoken at SAMPLE_RATE as int16, and its timed Piper tokens."""
+def synthesize(text: str, rate: float = 1.0) -> tuple[np.ndarray, list[Raw]]:
+    """`text` spoken at SAMPLE_RATE as int16, and its timed Piper tokens; `rate` times
+    the voice's own speed (its length_scale divided by it)."""
     voice = _voice()
     id_map = voice.config.phoneme_id_map
     audio: list[np.ndarray] = []
     raw: list[Raw] = []
     offset = 0
-    for chunk in voice.synthesize(text, syn_config=_config(), include_alignments=True):
+    config = _config()
+    if rate != 1.0:
+        config.length_scale = (voice.config.length_scale or 1.0) / rate
+    for chunk in voice.synthesize(text, syn_config=config, include_alignments=True):
         if chunk.phoneme_id_samples is None:
             raise MissingDependency("piper returned no alignments: pip install onnx")
         raw += _chunk_raw(chunk, id_map, offset)

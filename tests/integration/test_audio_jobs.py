@@ -139,6 +139,18 @@ def test_audio_job_end_to_end(recording, tmp_path):
     expected = recording["seconds"]
     assert abs(p.audio_seconds - expected) < 0.03, (p.audio_seconds, expected)
     assert abs(p.video_seconds - expected) <= 1 / 25 + 1e-3, (p.video_seconds, expected)
+    # Issue 16: captions timed by the recogniser's words (aligned to the sound): each cue
+    # starts on speech, and none spans the 1 s gap between the sentences.
+    import srt
+
+    assert "captions_srt" in status.stdout.decode()
+    cues = list(srt.parse((home / "artifacts" / "jobs" / job_id / "captions.srt").read_text()))
+    (a0, a1), (b0, b1) = recording["speech"]
+    assert abs(cues[0].start.total_seconds() - a0) < 0.1
+    for cue in cues:
+        start = cue.start.total_seconds()
+        assert a0 - 0.1 < start < a1 or b0 - 0.1 < start < b1, (start, recording["speech"])
+        assert not (start < a1 and cue.end.total_seconds() > b0 + 0.2), cue
 
 
 # --- bad audio ---------------------------------------------------------------

@@ -373,7 +373,10 @@ def test_status_and_report_commands(ctx: Context, cli: tuple[CliRunner, Queued])
     csv_out = runner.invoke(main, ["batch", "report", "b6"])
     assert csv_out.exit_code == 0, csv_out.output
     header, *lines = csv_out.stdout.splitlines()
-    assert header == "row,output,job_id,state,output_url,duration,error"
+    assert header == (
+        "row,output,job_id,state,output_url,captions_srt_url,captions_vtt_url,poster_url,"
+        "preview_url,duration,error"
+    )
     url = ctx.store.url("batches/b6/outputs/0.mp4")
     assert lines[0].startswith(f"line 1,0.mp4,{ok},succeeded,{url},")
     assert lines[1].startswith(f"line 2,1.mp4,{bad},failed,,") and lines[1].endswith(

@@ -39,6 +39,10 @@ def test_the_csv_report_escapes_every_text_column() -> None:
                 "job_id": "abc",
                 "state": "failed",
                 "output_url": None,
+                "captions_srt_url": "=HYPERLINK(1)",
+                "captions_vtt_url": None,
+                "poster_url": "+poster",
+                "preview_url": None,
                 "duration": -0.5,
                 "error": "@SUM(1)",
             }
@@ -48,7 +52,8 @@ def test_the_csv_report_escapes_every_text_column() -> None:
     rows = list(csv.DictReader(io.StringIO(batches.report_csv(report))))
     assert rows[0]["row"] == "'=1+1.txt" and rows[0]["output"] == "'=1+1.mp4"
     assert rows[0]["error"] == "'@SUM(1)" and rows[0]["duration"] == "-0.5"
-    assert rows[0]["output_url"] == ""
+    assert rows[0]["output_url"] == "" and rows[0]["captions_vtt_url"] == ""
+    assert rows[0]["captions_srt_url"] == "'=HYPERLINK(1)" and rows[0]["poster_url"] == "'+poster"
     assert rows[1]["row"] == "'+line 3" and rows[1]["error"] == "'-bad"
 
 
