@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from models.base import Word
+
 MAX_LINE_CHARS = 42
 MAX_LINES = 2
 MIN_CUE_S = 1.0
@@ -43,13 +45,6 @@ PHRASE_START = frozenset(
     "after before between through during without under over".split()
 )
 SILENCE = "_"  # models.visemes.SILENCE: pauses in a phone list
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str
-    start: float
-    end: float
 
 
 @dataclass(frozen=True)

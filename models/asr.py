@@ -43,20 +43,13 @@ from typing import Any
 import numpy as np
 
 from farm.errors import MissingDependency
-from models.base import Phone, Speech
+from models.base import Phone, Speech, Word
 from models.visemes import SILENCE, is_silence, is_vowel, stress_of, strip_symbol
 
 ASR_RATE = 16_000  # Whisper's input rate
 VOWEL_WEIGHT = 2.0  # a vowel's share of its word's time, relative to a consonant's 1.0
 MIN_PAUSE_S = 0.06  # shorter gaps between words are not pauses
 _STRESS_CHARS = "ˈˌ"
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str
-    start: float
-    end: float
 
 
 @dataclass(frozen=True)

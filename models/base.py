@@ -47,6 +47,16 @@ class Phone:
     emphasis: bool = False  # inside <emphasis> of a marked-up script (farm/markup.py)
 
 
+@dataclass(frozen=True)
+class Word:
+    """One spoken word with its span in seconds: a recogniser's (models/asr.py), or a
+    script's spread over its phones; what captions are timed by (farm/captions.py)."""
+
+    text: str
+    start: float
+    end: float
+
+
 @dataclass
 class Speech:
     """Synthesised (or decoded) speech: mono int16 samples and phoneme timings."""

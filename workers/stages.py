@@ -143,7 +143,7 @@ def _recognise(ctx: Context, job_id: str, audio_key: str) -> Speech:
 
     samples, rate = read_wav(io.BytesIO(ctx.store.get_bytes(audio_key)))
     result = asr.recognise(samples, rate)
-    words = [captions.Word(w.text, w.start, w.end) for w in result.words]
+    words = result.words
     ctx.store.put_bytes(  # the captions' timings (plan gathers them into words.json)
         job_key(job_id, "audio", "0000.words.json"),
         json.dumps(captions.words_to_json(words)).encode(),
