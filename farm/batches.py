@@ -28,11 +28,12 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import extras, jobs, manifest, pipeline, queries, script, states
+from farm import extras, jobs, manifest, output, pipeline, queries, script, states
 from farm.context import Context
 from farm.db import Batch, Job
 from farm.errors import InvalidInput, RetryableError
 from farm.manifest import Checked, Defaults, Problem, RawRow, Row
+from farm.stores import job_key
 
 log = logging.getLogger("farm.batches")
 
@@ -153,7 +154,7 @@ def load(
     ctx: Context, name: str, path: Path, options: Options, scope: str | None = None
 ) -> Checked:
     """Read and check a manifest file or directory."""
-    base, raw = manifest.read(path)
+    base, raw = manifest.read(path, templated=options.defaults.template is not None)
     return check(ctx, name, base, raw, options, scope)
 
 
@@ -230,6 +231,26 @@ def _insert(
     invalid: list[dict[str, Any]],
 ) -> tuple[str | None, list[str]]:
     created: list[str] = []
+    uploaded: list[str] = []
+    try:
+        return _insert_rows(ctx, name, keyed, options, source, webhook, invalid, created, uploaded)
+    except BaseException:
+        for key in uploaded:  # the jobs were never accepted: nothing of theirs stays
+            ctx.store.delete_prefix(key)
+        raise
+
+
+def _insert_rows(
+    ctx: Context,
+    name: str,
+    keyed: list[tuple[str, Row]],
+    options: Options,
+    source: str,
+    webhook: str | None,
+    invalid: list[dict[str, Any]],
+    created: list[str],
+    uploaded: list[str],
+) -> tuple[str | None, list[str]]:
     with ctx.session() as s:
         batch = queries.get_batch_by_name(s, name)
         existing = queries.existing_idempotency_keys(s, [k for k, _ in keyed])
@@ -261,6 +282,7 @@ def _insert(
                 # Derived from the key, so the same row renders the same motion again.
                 seed=options.seed if options.seed is not None else int(key[3:11], 16) % 2**31,
                 priority=BULK_PRIORITY,
+                output=row.spec,
             )
             avatar = queries.get_avatar(s, row.avatar)
             job = jobs.new_row(
@@ -273,6 +295,11 @@ def _insert(
                 batch_row=row.where,
                 target_key=output_key(name, row.output),
             )
+            # A background file goes to jobs/{id}/background{ext} (removed again below
+            # if this transaction does not commit).
+            spec = output.upload_background(ctx.store, job["id"], row.spec)
+            uploaded += output.uploaded_keys(spec)
+            job["delivery"] = spec.to_json()
             queries.insert_job(s, **job)
             created.append(job["id"])
         return batch.id, created
@@ -283,6 +310,8 @@ def _forget(ctx: Context, batch_id: str | None, job_ids: list[str]) -> None:
         queries.delete_jobs(s, job_ids)
         if batch_id is not None:
             queries.delete_batch_if_empty(s, batch_id)
+    for job_id in job_ids:  # a background file uploaded for it
+        ctx.store.delete_prefix(job_key(job_id))
 
 
 # --- completion -------------------------------------------------------------

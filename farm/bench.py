@@ -438,3 +438,84 @@ def format_quality(rows: list[dict]) -> str:
         " sound); closed in >= 95% of silent frames; audio-only video = input +- 1 frame"
     )
     return "\n".join(lines)
+
+
+# --- deliverables (issue 16) -------------------------------------------------
+
+OUTPUTS_SCRIPT = "Farm renders talking heads for video teams, with captions and posters."
+# (label, output.build arguments); the first of each size is the baseline
+OUTPUT_CASES: tuple[tuple[str, dict], ...] = (
+    ("mp4, no captions", {"captions": "off"}),
+    ("mp4 + captions files", {"captions": "file"}),
+    ("mp4 + captions burnt in", {"captions": "burn"}),
+    ("mp4 + colour background", {"captions": "off", "background": "#1a73e8"}),
+    ("webm (VP9)", {"captions": "off", "format": "webm"}),
+    ("webm-alpha (VP9 + alpha)", {"captions": "off", "format": "webm-alpha"}),
+    ("mov-prores (4444 + alpha)", {"captions": "off", "format": "mov-prores"}),
+    ("draft (mp4)", {"captions": "off", "draft": True}),
+)
+# (label, --size, output.build arguments every case of that size shares)
+OUTPUT_SIZES: tuple[tuple[str, tuple[int, int], dict], ...] = (
+    ("512x512", (512, 512), {}),
+    ("1080x1920 (9:16 cover)", (1080, 1080), {"aspect": "9:16", "fit": "cover"}),
+)
+
+
+def outputs(ctx: Context, runs: int) -> list[dict]:
+    """Each deliverable against plain MP4 at 512 and at 1080x1920, whole jobs through
+    the running farm: render seconds (every chunk's render, composition and lossless
+    encode), mux seconds (the delivered encode, captions, poster and preview) and
+    wall seconds, medians over `runs`."""
+    from farm import output
+
+    rows = []
+    _run_job(ctx, _output_request(ctx, "Warm up.", (512, 512), output.OutputSpec()))
+    for size_label, size, shared in OUTPUT_SIZES:
+        for label, case in OUTPUT_CASES:
+            spec = output.build(**shared, **case)
+            render, mux, wall, frames = [], [], [], 0
+            for _ in range(runs):
+                started = time.perf_counter()
+                job = _run_job(ctx, _output_request(ctx, OUTPUTS_SCRIPT, size, spec))
+                wall.append(time.perf_counter() - started)
+                _, _, chunks = jobs.overview(ctx, job.id)
+                render.append(sum(c.render_seconds or 0.0 for c in chunks))
+                mux.append((job.timings or {}).get("mux", 0.0))
+                frames, width, height, fps = job.frame_count, job.width, job.height, job.fps
+            rows.append(
+                {
+                    "size": size_label,
+                    "case": label,
+                    "output": f"{width}x{height} {fps} fps {frames} frames",
+                    "render_s": statistics.median(render),
+                    "mux_s": statistics.median(mux),
+                    "wall_s": statistics.median(wall),
+                }
+            )
+    return rows
+
+
+def _output_request(ctx: Context, text: str, size: tuple[int, int], spec) -> jobs.JobRequest:
+    return jobs.JobRequest(
+        text, "demo", "joe", ctx.settings.fps, size, ctx.settings.chunk_frames, seed=1,
+        output=spec,
+    )  # fmt: skip
+
+
+def format_outputs(rows: list[dict], runs: int) -> str:
+    lines = [
+        f"Deliverables against plain MP4 (portrait, demo avatar, medians of {runs})",
+        f"  {'size':24} {'case':28} {'output':28} {'render s':>8} {'x':>5}"
+        f" {'mux s':>6} {'x':>5} {'wall s':>7} {'x':>5}",
+    ]
+    base: dict[str, dict] = {}
+    for r in rows:
+        b = base.setdefault(r["size"], r)
+        lines.append(
+            f"  {r['size']:24} {r['case']:28} {r['output']:28}"
+            f" {r['render_s']:8.2f} {r['render_s'] / b['render_s']:5.2f}"
+            f" {r['mux_s']:6.2f} {r['mux_s'] / b['mux_s']:5.2f}"
+            f" {r['wall_s']:7.2f} {r['wall_s'] / b['wall_s']:5.2f}"
+        )
+    lines.append("  x: ratio to the first row of the same size (plain MP4, no captions)")
+    return "\n".join(lines)

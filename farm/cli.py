@@ -189,6 +189,62 @@ def _output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def _spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--format, --aspect, --fit, --background, --captions, --draft: what a job delivers
+    (farm/output.py), shared by `submit` and `batch submit`; unset: FARM_* defaults."""
+    from farm.output import ASPECTS, FITS, FORMATS
+
+    for option in reversed(
+        [
+            click.option(
+                "--format",
+                "output_format",
+                type=click.Choice(FORMATS),
+                default=None,
+                help="mp4 (H.264), webm (VP9), webm-alpha (VP9 with alpha) or mov-prores "
+                "(ProRes 4444 with alpha) [env FARM_OUTPUT_FORMAT; mp4].",
+            ),
+            click.option(
+                "--aspect",
+                type=click.Choice(ASPECTS),
+                default=None,
+                help="Frame the video at this aspect; --size N is then its short side "
+                "[env FARM_ASPECT; none].",
+            ),
+            click.option(
+                "--fit",
+                type=click.Choice(FITS),
+                default=None,
+                help="With --aspect: the whole photo inside the frame (contain) or the "
+                "frame filled (cover) [env FARM_FIT; contain].",
+            ),
+            click.option(
+                "--background",
+                default=None,
+                metavar="COLOR|IMAGE|VIDEO",
+                help="Replace the photo's background: #rrggbb, #rgb, a colour name, or an "
+                "image or video file (uploaded with the job).",
+            ),
+            click.option(
+                "--captions",
+                type=click.Choice(["off", "file", "burn"]),
+                default=None,
+                help="SRT and WebVTT beside the video (file), also drawn into it (burn), or "
+                "none (off) [env FARM_CAPTIONS; file].",
+            ),
+            click.option(
+                "--draft",
+                is_flag=True,
+                default=None,
+                help="A quick review render: half the size and frame rate, the fastest "
+                "encoder settings, a DRAFT watermark.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
 # --- submit -----------------------------------------------------------------
 
 
@@ -255,13 +311,7 @@ def _check_seed(seed: int | None) -> None:
     help="ditto: angry, disgust, fear, happy, neutral, sad, surprise or contempt "
     "[default: the checkpoint's, neutral].",
 )
-@click.option(
-    "--captions",
-    type=click.Choice(["off", "file", "burn"]),
-    default="file",
-    show_default=True,
-    help="SRT and WebVTT beside the video (file), also drawn into it (burn), or none (off).",
-)
+@_spec_options
 @click.option(
     "--poster-at",
     type=float,
@@ -298,7 +348,12 @@ def submit(
     ditto_steps: int | None,
     eyes: str | None,
     emotion: str | None,
-    captions: str,
+    output_format: str | None,
+    aspect: str | None,
+    fit: str | None,
+    background: str | None,
+    captions: str | None,
+    draft: bool | None,
     poster_at: float | None,
     wait: bool,
     output: Path | None,
@@ -317,6 +372,20 @@ def submit(
             "(use 'farm fetch JOB PATH' once the job has finished)"
         )
     _check_seed(seed)
+    from farm import output as output_spec
+
+    spec = output_spec.build(
+        defaults=output_spec.defaults_from(settings),
+        format=output_format,
+        aspect=aspect,
+        fit=fit,
+        background=background,
+        captions=captions,
+        poster_at=poster_at,
+        draft=draft,
+    )
+    if output is not None:
+        output_spec.check_output_name(output.name, spec, "--output")
     fps = settings.fps if fps is None else fps
     padding = sum(jobs.padding(audio is not None))
     text, audio_wav = "", None
@@ -343,8 +412,7 @@ def submit(
         webhook=webhook,
         renderer=renderer,
         options=jobs.renderer_options(ditto_steps, emotion, eyes),
-        captions=captions,
-        poster_at=poster_at,
+        output=spec,
     )
     ctx = make_context()
     job_id = jobs.submit(ctx, request)
@@ -467,6 +535,10 @@ def status(job_id: str) -> None:
         f"avatar    {job.avatar}  voice {job.voice}  {job.width}x{job.height}@{job.fps}"
         f"  renderer {job.renderer}"
     )
+    if job.delivery:
+        from farm.output import OutputSpec, describe
+
+        click.echo(f"delivers  {describe(OutputSpec.from_json(job.delivery))}")
     click.echo(f"segments  {prog.segments_done}/{prog.segments_total}")
     click.echo(f"chunks    {prog.chunks_done}/{prog.chunks_total}  frames {job.frame_count}")
     click.echo(f"audio     {_fmt_seconds(job.audio_seconds)}")
@@ -766,6 +838,16 @@ def batch() -> None:
 )
 @_output_options
 @click.option("--seed", type=int, default=None, help="Motion seed (default: from each row).")
+@click.option(
+    "--template",
+    "template_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="A script with {variables} for rows that name no script, text or template; "
+    "the manifest's other columns are the variables.",
+)
+@_spec_options
 @fail_cleanly
 def batch_submit(
     manifest_path: Path,
@@ -778,27 +860,59 @@ def batch_submit(
     size: str | None,
     chunk_frames: int | None,
     seed: int | None,
+    template_path: Path | None,
+    output_format: str | None,
+    aspect: str | None,
+    fit: str | None,
+    background: str | None,
+    captions: str | None,
+    draft: bool | None,
 ) -> None:
     """Submit every row of MANIFEST as a job of batch NAME.
 
     MANIFEST is a CSV file (a header line names the columns), a JSON Lines file, or a
     directory of .txt scripts. Columns: script (a path relative to the manifest's
-    directory) or text (the script inline), avatar, voice, webhook, output (where
-    the video goes: batches/NAME/outputs/OUTPUT in the store). Every row is checked
-    first; without --skip-invalid one bad row means nothing is submitted.
+    directory) or text (the script inline) or template (a script with {variables},
+    whose values are the row's other columns), avatar, voice, webhook, output (where
+    the video goes: batches/NAME/outputs/OUTPUT in the store; it ends with the format's
+    suffix), and what it delivers: format, aspect, fit, background (a colour, or an
+    image or video inside the manifest's directory), captions, poster_at, draft (the
+    options below are their defaults). Every row is checked first; without
+    --skip-invalid one bad row means nothing is submitted.
     """
-    from farm import batches
+    from farm import batches, templates
+    from farm import output as output_spec
     from farm.manifest import Defaults
 
     settings = Settings.from_env()
     batches.check_name(name)
     _check_seed(seed)
+    template = None
+    if template_path is not None:
+        template = templates.read(template_path, str(template_path), settings.max_script_chars)
+    spec = output_spec.build(
+        defaults=output_spec.defaults_from(settings),
+        format=output_format,
+        aspect=aspect,
+        fit=fit,
+        background=background,
+        captions=captions,
+        draft=draft,
+    )
+    asked = jobs.parse_size(size or str(settings.size))
     options = batches.Options(
         fps=settings.fps if fps is None else fps,
-        size=jobs.parse_size(size or str(settings.size)),
+        size=asked,
         chunk_frames=settings.chunk_frames if chunk_frames is None else chunk_frames,
         seed=seed,
-        defaults=Defaults(avatar=avatar, voice=voice, webhook=webhook),
+        defaults=Defaults(
+            avatar=avatar,
+            voice=voice,
+            webhook=webhook,
+            template=template,
+            spec=spec,
+            size=asked,
+        ),
     )
     ctx = make_context()
     checked = batches.load(ctx, name, manifest_path, options)
@@ -1246,6 +1360,13 @@ def db_upgrade(revision: str) -> None:
     "correlation and lag, mouth closed in silence, video against audio duration.",
 )
 @click.option(
+    "--outputs",
+    is_flag=True,
+    default=False,
+    help="Deliverables instead: captions, burn-in, a background (segmentation), each "
+    "format and drafts, against plain MP4 at 512 and 1080x1920 (whole jobs, --runs each).",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -1269,15 +1390,23 @@ def bench(
     frame_ms: str,
     load_jobs: int | None,
     quality: bool,
+    outputs: bool,
     json_out: Path | None,
 ) -> None:
     """Measure TTS real-time factor, render and encode fps, and end-to-end wall/audio;
     with --renderer ditto, that backend's plan and render figures; with --workers,
     render-worker scaling and the per-chunk overhead instead; with --load, a farm under
-    N jobs submitted at once; with --quality, lip-sync figures of a fixed set of jobs."""
+    N jobs submitted at once; with --quality, lip-sync figures of a fixed set of jobs;
+    with --outputs, what each deliverable costs against plain MP4."""
 
     from farm import bench as b
 
+    if outputs:
+        rows = b.outputs(make_context(), runs)
+        click.echo(b.format_outputs(rows, runs))
+        if json_out:
+            _write_json(json_out, {"outputs": rows})
+        return
     if quality:
         import tempfile
 
@@ -1341,7 +1470,7 @@ def _write_json(dest: Path, figures: dict[str, Any]) -> None:
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 @fail_cleanly
 def fetch_output(job_id: str, dest: Path) -> None:
-    """Copy a finished job's MP4 to DEST."""
+    """Copy a finished job's video (MP4, WebM or MOV, as its --format) to DEST."""
     ctx = make_context()
     job = jobs.find(ctx, job_id)
     if not job.output_key:

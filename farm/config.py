@@ -52,6 +52,12 @@ class Settings:
     fps: int = 25
     size: int = 512
     chunk_frames: int = 100
+    # --- what a job delivers by default (farm/output.py; submit flags and manifest
+    # columns override them) ---
+    output_format: str = "mp4"  # mp4 | webm | webm-alpha | mov-prores
+    aspect: str = ""  # empty: the size as given; or 16:9 | 9:16 | 1:1 | 4:5
+    fit: str = "contain"  # contain | cover (with an aspect)
+    captions: str = "file"  # off | file | burn
     render_batch: int = 16
     render_threads: int = 1  # torch threads per render process
     render_concurrency: int = 2  # render processes the embedded runtime starts
@@ -178,7 +184,14 @@ class Settings:
                 f"FARM_VIDEO_ENCODER {self.video_encoder!r} is not one of "
                 f"{', '.join(VIDEO_ENCODERS)}"
             )
+        from farm import output  # light: no numpy, no PIL until a file is decoded
+
+        output.check_settings(self)
         check_cron(self.nightly_cron)
+        if not isinstance(self.keep_intermediates, bool):
+            raise InvalidInput(
+                f"FARM_KEEP_INTERMEDIATES must be true or false, got {self.keep_intermediates!r}"
+            )
         for name in ("intake_results", "intake_dead_letter"):
             if getattr(self, name):
                 check_queue_name(getattr(self, name), f"FARM_{name.upper()}")

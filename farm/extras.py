@@ -2,10 +2,11 @@
 short animated preview, all under jobs/{id}/ in the store (so cancel and delete remove
 them with the rest), and the rules that choose the poster's frame.
 
-The job's `delivery` column holds what was asked at submission: {"captions":
-"off"|"file"|"burn", "poster_at": seconds or None}. A succeeded job with a delivery has
-every artifact here (captions unless "off"); a job from before has none. Light: no
-numpy, no torch (the CLI imports this).
+The job's `delivery` column holds what was asked at submission: its OutputSpec
+(farm/output.py), whose "captions" ("off"|"file"|"burn") and "poster_at" (seconds or
+None) are read here. A succeeded job with a delivery has every artifact here (captions
+unless "off"); a job from before has none. Light: no numpy, no torch (the CLI imports
+this).
 """
 
 from __future__ import annotations

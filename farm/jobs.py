@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
-from farm import extras, pipeline, queries, states, webhooks
+from farm import output, pipeline, queries, states, webhooks
 from farm.context import Context
 from farm.db import Job
-from farm.errors import InvalidInput, RetryableError
+from farm.errors import InvalidInput, NotFound, RetryableError
 from farm.stores import job_key
 
 if TYPE_CHECKING:
@@ -87,10 +87,10 @@ class JobRequest:
     # The backend's own options (models/registry.py RENDERER_OPTIONS), e.g. Ditto's
     # {"steps": 10, "emotion": 3}; checked against the job's renderer at submit.
     options: dict[str, int] | None = None
-    # Captions ("off", "file": SRT and WebVTT beside the video, "burn": also drawn into
-    # it) and the poster's time in seconds (None: chosen by rule); farm/extras.py.
-    captions: str = "file"
-    poster_at: float | None = None
+    # What the job delivers (farm/output.py): format, aspect, fit, background, captions,
+    # poster time, draft. `size` is the size asked: with an aspect a square is the short
+    # side, and a draft halves it (output.frame_size, applied by new_row).
+    output: output.OutputSpec = output.OutputSpec()
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ def validate(ctx: Context, req: JobRequest) -> Validated:
         raise InvalidInput(f"fps must be within 1..60, got {req.fps}")
     if not 1 <= req.chunk_frames <= 10_000:
         raise InvalidInput(f"chunk frames must be within 1..10000, got {req.chunk_frames}")
-    extras.check_delivery(req.captions, req.poster_at, req.audio_wav)
+    output.check(req.output, req.audio_wav)
+    output.frame_size(req.size, req.output)  # an aspect the size cannot have is refused
     with ctx.session() as s:
         avatar = queries.get_avatar(s, req.avatar)
     if avatar is None and req.avatar not in BUILTIN_AVATARS:
@@ -144,15 +145,15 @@ def new_row(
         renderer=req.renderer or _own(req.avatar, registered_for) or ctx.settings.renderer,
         voice=req.voice,
         script=req.script,
-        fps=req.fps,
-        width=req.size[0],
-        height=req.size[1],
+        fps=output.job_fps(req.fps, req.output),
+        # the delivered size: an aspect's short side, a draft's half (farm/output.py)
+        **dict(zip(("width", "height"), output.frame_size(req.size, req.output), strict=True)),
         chunk_frames=req.chunk_frames,
         seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
         priority=req.priority,
         webhook_url=webhook_url,
         options=req.options or None,
-        delivery={"captions": req.captions, "poster_at": req.poster_at},
+        delivery=req.output.to_json(),
         **batch_fields,
     )
 
@@ -177,6 +178,18 @@ def renderer_options(
     if eyes is not None:
         options["eyes"] = 1 if eyes == "natural" else 0
     return options or None
+
+
+def check_whole_photo(renderer: str, spec: output.OutputSpec) -> None:
+    """An aspect ratio frames the avatar's whole photo (workers/compose.py): refused at
+    submission for a backend that cannot render it."""
+    from models.registry import WHOLE_PHOTO  # names only: no backend is imported
+
+    if spec.aspect is not None and renderer not in WHOLE_PHOTO:
+        raise InvalidInput(
+            f"--aspect {spec.aspect} frames the avatar's whole photo, which the {renderer} "
+            f"renderer cannot render (use {', '.join(sorted(WHOLE_PHOTO))})"
+        )
 
 
 def check_options(renderer: str, options: dict[str, int] | None) -> None:
@@ -215,16 +228,23 @@ def submit(ctx: Context, req: JobRequest, idempotency_key: str | None = None) ->
         ctx, req, checked.webhook_url, checked.registered_for, idempotency_key=idempotency_key
     )
     check_options(row["renderer"], req.options)
+    check_whole_photo(row["renderer"], req.output)
     job_id = row["id"]
-    if req.audio_wav is not None:
-        row["audio_key"] = job_key(job_id, INPUT_AUDIO)
-        ctx.store.put_bytes(row["audio_key"], req.audio_wav)
+    uploaded: list[str] = []
     try:
+        if req.audio_wav is not None:
+            row["audio_key"] = job_key(job_id, INPUT_AUDIO)
+            uploaded.append(row["audio_key"])
+            ctx.store.put_bytes(row["audio_key"], req.audio_wav)
+        # A background file goes to jobs/{id}/background{ext}; the row keeps its key.
+        spec = output.upload_background(ctx.store, job_id, req.output)
+        uploaded += output.uploaded_keys(spec)
+        row["delivery"] = spec.to_json()
         with ctx.session() as s:
             queries.insert_job(s, **row)
-    except IntegrityError:
-        if row.get("audio_key"):
-            ctx.store.delete_prefix(row["audio_key"])
+    except BaseException:
+        for key in uploaded:  # nothing of a job that was never accepted stays behind
+            ctx.store.delete_prefix(key)
         raise
     try:
         ctx.dispatch.enqueue(pipeline.PREPARE, job_id)
@@ -263,10 +283,9 @@ def ended(ctx: Context, job_ids: list[str]) -> list[Job]:
 def forget(ctx: Context, job_id: str) -> None:
     """Remove a job that was never accepted (it could not be enqueued)."""
     with ctx.session() as s:
-        audio_key = queries.get_job(s, job_id).audio_key
+        queries.get_job(s, job_id)
         queries.delete_jobs(s, [job_id])
-    if audio_key:
-        ctx.store.delete_prefix(audio_key)
+    ctx.store.delete_prefix(job_key(job_id))  # its input audio, its background
 
 
 def chunk_ranges(frame_count: int, chunk_frames: int) -> list[tuple[int, int]]:

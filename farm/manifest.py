@@ -8,6 +8,10 @@ table is testable without services.
 A row names a script by a path relative to the manifest's directory, or carries it
 inline in a `text` column. Paths are resolved (symlinks included) and must stay
 inside that directory: a manifest cannot make farm read /etc/passwd or ../secrets.
+
+A row may instead name a template (farm/templates.py), by a `template` column resolved
+the same way or by the caller's default; then every column that is not one of COLUMNS
+is a variable, and the row's script is the template with its values filled in.
 """
 
 from __future__ import annotations
@@ -22,10 +26,28 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from farm import output as output_spec
+from farm import templates
 from farm.errors import FarmError, InvalidInput
 from farm.script import decode_script, read_limit
 
-COLUMNS: tuple[str, ...] = ("script", "text", "avatar", "voice", "webhook", "output")
+COLUMNS: tuple[str, ...] = (
+    "script",
+    "text",
+    "template",  # a script with {variables}; the row's other columns are their values
+    "avatar",
+    "voice",
+    "webhook",
+    "output",
+    # the row's OutputSpec (farm/output.py)
+    "format",
+    "aspect",
+    "fit",
+    "background",
+    "captions",
+    "poster_at",
+    "draft",
+)
 ALIASES: dict[str, str] = {"output_key": "output"}
 MANIFEST_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".ndjson")
 MAX_OUTPUT_KEY = 200
@@ -53,6 +75,8 @@ class Row:
     voice: str
     webhook: str | None
     output: str
+    # what the row delivers (farm/output.py): its columns over the batch's defaults
+    spec: output_spec.OutputSpec = output_spec.OutputSpec()
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,12 @@ class Defaults:
     avatar: str = "demo"
     voice: str = "joe"
     webhook: str | None = None
+    # --template: for rows that name no script, text or template
+    template: templates.Template | None = None
+    # --format, --aspect, --fit, --background, --captions, --draft over FARM_* defaults
+    spec: output_spec.OutputSpec = output_spec.OutputSpec()
+    # the batch's --size, which each row's aspect and draft flag must fit (None: unchecked)
+    size: tuple[int, int] | None = None
 
 
 # (avatar, voice, webhook or None) -> the job's webhook URL; InvalidInput when refused
@@ -93,9 +123,11 @@ class Checked:
 # --- reading ----------------------------------------------------------------
 
 
-def read(path: Path) -> tuple[Path, list[RawRow]]:
+def read(path: Path, templated: bool = False) -> tuple[Path, list[RawRow]]:
     """The manifest's base directory and its rows. A manifest that cannot be read at
-    all (missing, not UTF-8, no script column) is InvalidInput; bad rows are not."""
+    all (missing, not UTF-8, no script column) is InvalidInput; bad rows are not.
+    `templated`: the caller has a default template, so columns that are not farm's
+    own are variables, and a manifest may have no script column at all."""
     if path.is_dir():
         return path, read_directory(path)
     if not path.is_file():
@@ -108,7 +140,7 @@ def read(path: Path) -> tuple[Path, list[RawRow]]:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise InvalidInput(f"manifest {path.name} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
     text = _decode(path.read_bytes(), path.name)
-    rows = read_csv(text) if suffix == ".csv" else read_jsonl(text)
+    rows = read_csv(text, templated) if suffix == ".csv" else read_jsonl(text, templated)
     return path.parent, rows
 
 
@@ -124,8 +156,9 @@ def _column(name: str) -> str:
     return ALIASES.get(key, key)
 
 
-def read_csv(text: str) -> list[RawRow]:
-    """A header line names the columns; rows are numbered by the line they start on."""
+def read_csv(text: str, templated: bool = False) -> list[RawRow]:
+    """A header line names the columns; rows are numbered by the line they start on.
+    With a 'template' column (or `templated`), other columns are variables."""
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -134,13 +167,18 @@ def read_csv(text: str) -> list[RawRow]:
     except csv.Error as exc:
         raise InvalidInput(f"line 1: {exc}") from exc
     names = [_column(h) for h in header]
-    unknown = [h for h, n in zip(header, names, strict=True) if n not in COLUMNS]
+    templated = templated or "template" in names
+    unknown = [
+        h
+        for h, n in zip(header, names, strict=True)
+        if n not in COLUMNS and not (templated and templates.NAME.fullmatch(n))
+    ]
     if unknown:
+        raise InvalidInput(f"line 1: {_unknown('column', unknown[0], templated)}")
+    if "script" not in names and "text" not in names and not templated:
         raise InvalidInput(
-            f"line 1: unknown column {unknown[0]!r}; columns are {', '.join(COLUMNS)}"
+            "line 1: the manifest needs a 'script' or a 'text' column (or a 'template' column)"
         )
-    if "script" not in names and "text" not in names:
-        raise InvalidInput("line 1: the manifest needs a 'script' or a 'text' column")
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise InvalidInput(f"line 1: column {duplicated[0]!r} appears twice")
@@ -167,8 +205,9 @@ def read_csv(text: str) -> list[RawRow]:
     return rows
 
 
-def read_jsonl(text: str) -> list[RawRow]:
-    """One JSON object per line; blank lines are skipped."""
+def read_jsonl(text: str, templated: bool = False) -> list[RawRow]:
+    """One JSON object per line; blank lines are skipped. In a row with a 'template'
+    field (or with `templated`), other fields are variables."""
     rows: list[RawRow] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -191,13 +230,30 @@ def read_jsonl(text: str) -> list[RawRow]:
             rows.append(RawRow(where, {"_error": reason}, number))
             continue
         values = {_column(str(k)): v for k, v in obj.items()}
-        unknown = sorted(set(values) - set(COLUMNS))
+        templated_row = templated or "template" in values
+        extra = set(values) - set(COLUMNS)
+        unknown = sorted(k for k in extra if not (templated_row and templates.NAME.fullmatch(k)))
         if unknown:
-            reason = f"unknown field {unknown[0]!r}; fields are {', '.join(COLUMNS)}"
+            reason = _unknown("field", unknown[0], templated_row)
             rows.append(RawRow(where, {"_error": reason}, number))
             continue
         rows.append(RawRow(where, values, number))
     return rows
+
+
+def _unknown(what: str, name: str, templated: bool) -> str:
+    known = ", ".join(COLUMNS)
+    if templated:
+        return (
+            f"{what} {name!r} is neither one of farm's ({known}) nor a variable name "
+            "(letters, digits and _, starting with a letter)"
+        )
+    return f"unknown {what} {name!r}; {what}s are {known}"
+
+
+def variables(values: dict[str, Any]) -> dict[str, Any]:
+    """A row's template variables: its columns that are not farm's own."""
+    return {k: v for k, v in values.items() if k not in COLUMNS and not k.startswith("_")}
 
 
 class _Repeated(ValueError):
@@ -246,27 +302,27 @@ def check_output_key(key: str) -> str | None:
     return None
 
 
-def script_path(base: Path, relative: str) -> Path:
+def script_path(base: Path, relative: str, what: str = "script") -> Path:
     """The file `relative` names inside `base`, symlinks resolved; InvalidInput when it
     is absolute, escapes `base`, or is not a regular file."""
     if "\0" in relative:
-        raise InvalidInput("the script path contains a NUL byte")
+        raise InvalidInput(f"the {what} path contains a NUL byte")
     if PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
-        raise InvalidInput(f"script path {relative!r} must be relative to the manifest")
+        raise InvalidInput(f"{what} path {relative!r} must be relative to the manifest")
     root = base.resolve()
-    outside = f"script path {relative!r} leads outside the manifest's directory"
+    outside = f"{what} path {relative!r} leads outside the manifest's directory"
     if not Path(posixpath.normpath(root / relative)).is_relative_to(root):
         raise InvalidInput(outside)  # before looking: no probing for files outside
     try:
         target = (root / relative).resolve(strict=True)
     except FileNotFoundError:
-        raise InvalidInput(f"no such script file: {relative}") from None
+        raise InvalidInput(f"no such {what} file: {relative}") from None
     except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
-        raise InvalidInput(f"script path {relative!r} cannot be read: {exc}") from exc
+        raise InvalidInput(f"{what} path {relative!r} cannot be read: {exc}") from exc
     if not target.is_relative_to(root):  # through a symlink
         raise InvalidInput(outside)
     if not target.is_file():
-        raise InvalidInput(f"script path {relative!r} is not a regular file")
+        raise InvalidInput(f"{what} path {relative!r} is not a regular file")
     return target
 
 
@@ -275,12 +331,13 @@ def read_script(path: Path, max_chars: int) -> str:
         return decode_script(fh.read(read_limit(max_chars)), max_chars)
 
 
-def default_output(source: str, text: str) -> str:
-    """A script file's output is its path with .mp4; inline text gets a name from its
-    content, so reordering a manifest does not rename anything."""
+def default_output(source: str, text: str, suffix: str = ".mp4") -> str:
+    """A script file's output is its path with the format's suffix (.mp4, .webm, .mov);
+    inline text gets a name from its content, so reordering a manifest does not rename
+    anything."""
     if source:
-        return str(PurePosixPath(source).with_suffix(".mp4"))
-    return f"text-{hashlib.sha256(text.encode()).hexdigest()[:12]}.mp4"
+        return str(PurePosixPath(source).with_suffix(suffix))
+    return f"text-{hashlib.sha256(text.encode()).hexdigest()[:12]}{suffix}"
 
 
 def _string(values: dict[str, Any], name: str) -> str | None:
@@ -299,30 +356,92 @@ def check_row(
     max_chars: int,
     check_job: CheckJob,
     check_script: CheckScript = _any_script,
+    seen: dict[str, templates.Template | str] | None = None,
 ) -> Row:
-    """One row to a Row, or InvalidInput with the first thing wrong with it."""
+    """One row to a Row, or InvalidInput with the first thing wrong with it. `seen`:
+    template files read so far (or why they could not be), shared by a manifest's rows."""
     if "_error" in raw.values:
         raise InvalidInput(raw.values["_error"])
-    script, text = _string(raw.values, "script"), _string(raw.values, "text")
-    if script and text:
-        raise InvalidInput("give either 'script' (a path) or 'text', not both")
-    if not script and not text:
-        raise InvalidInput("no script: the row needs a 'script' path or 'text'")
-    if script:
-        body = read_script(script_path(base, script), max_chars)
-        source = posixpath.normpath(script)
-    else:
-        body = decode_script(str(text).encode(), max_chars)
-        source = ""
+    body, source = _script_of(raw, base, defaults, max_chars, {} if seen is None else seen)
     check_script(body)
     avatar = _string(raw.values, "avatar") or defaults.avatar
     voice = _string(raw.values, "voice") or defaults.voice
     webhook = check_job(avatar, voice, _string(raw.values, "webhook") or defaults.webhook)
-    output = _string(raw.values, "output") or default_output(source, body)
+    spec = row_spec(raw.values, base, defaults)
+    output = _string(raw.values, "output") or default_output(source, body, spec.suffix)
     reason = check_output_key(output)
     if reason:
         raise InvalidInput(reason)
-    return Row(raw.where, raw.line, body, source, avatar, voice, webhook, output)
+    output_spec.check_output_name(output, spec)
+    return Row(raw.where, raw.line, body, source, avatar, voice, webhook, output, spec)
+
+
+def row_spec(values: dict[str, Any], base: Path, defaults: Defaults) -> output_spec.OutputSpec:
+    """The row's OutputSpec: its format, aspect, fit, background, captions, poster_at and
+    draft columns over the defaults. A background is a colour or a file inside the
+    manifest's directory (resolved like a script)."""
+    given = {c: values.get(c) for c in ("format", "aspect", "fit", "captions", "poster_at")}
+    given = {c: (v.strip() or None) if isinstance(v, str) else v for c, v in given.items()}
+    background: Any = _string(values, "background")
+    if background is not None and output_spec.parse_color(background) is None:
+        if output_spec.looks_like_color(background):
+            output_spec.parse_background(background)  # an unknown colour: its own error
+        background = output_spec.background_file(script_path(base, background, "background"))
+    draft = values.get("draft")
+    if isinstance(draft, str) and not draft.strip():
+        draft = None
+    spec = output_spec.build(defaults=defaults.spec, background=background, draft=draft, **given)
+    if defaults.size is not None:
+        output_spec.frame_size(defaults.size, spec)
+    return spec
+
+
+def _script_of(
+    raw: RawRow,
+    base: Path,
+    defaults: Defaults,
+    max_chars: int,
+    seen: dict[str, templates.Template | str],
+) -> tuple[str, str]:
+    """The row's cleaned script, and its path when it is a script file ("" otherwise:
+    inline text and a filled-in template are named by their content)."""
+    script, text = _string(raw.values, "script"), _string(raw.values, "text")
+    template = _string(raw.values, "template")
+    given = [f"'{c}'" for c, v in (("script", script), ("text", text), ("template", template)) if v]
+    if len(given) > 1:
+        several = "both" if len(given) == 2 else "all three"
+        raise InvalidInput(f"give one of 'script' (a path), 'text' or 'template', not {several}")
+    values = variables(raw.values)
+    chosen = _template(base, template, max_chars, seen) if template else None
+    if chosen is None and not given:
+        chosen = defaults.template
+    if chosen is not None:
+        filled = templates.render(chosen, values)
+        return decode_script(filled.encode(), max_chars), ""
+    if not given:
+        raise InvalidInput("no script: the row needs a 'script' path, 'text' or a 'template'")
+    unused = sorted(k for k, v in values.items() if templates.value_text(k, v))
+    if unused:
+        raise InvalidInput(templates.describe(None, [], unused))
+    if script:
+        return read_script(script_path(base, script), max_chars), posixpath.normpath(script)
+    return decode_script(str(text).encode(), max_chars), ""
+
+
+def _template(
+    base: Path, relative: str, max_chars: int, seen: dict[str, templates.Template | str]
+) -> templates.Template:
+    """The template file a row names, read and parsed once per manifest."""
+    key = posixpath.normpath(relative)
+    if key not in seen:
+        try:
+            seen[key] = templates.read(script_path(base, relative, "template"), relative, max_chars)
+        except InvalidInput as exc:
+            seen[key] = str(exc)
+    found = seen[key]
+    if isinstance(found, str):
+        raise InvalidInput(found)
+    return found
 
 
 def check_rows(
@@ -339,9 +458,10 @@ def check_rows(
     why a row's output is already someone else's (an earlier submission's)."""
     result = Checked()
     outputs = OutputKeys()
+    seen: dict[str, templates.Template | str] = {}
     for raw in rows:
         try:
-            row = check_row(raw, base, defaults, max_chars, check_job, check_script)
+            row = check_row(raw, base, defaults, max_chars, check_job, check_script, seen)
         except FarmError as exc:
             result.problems.append(Problem(raw.where, str(exc), raw.line))
             continue
@@ -401,5 +521,7 @@ def row_key(scope: str, row: Row, options: Iterable[Any] = ()) -> str:
     job, and an edited row is a new one. Where the row sits in the manifest is not
     part of it."""
     content = [scope, row.script, row.avatar, row.voice, row.webhook, row.output, *options]
+    if row.spec != output_spec.OutputSpec():  # the whole spec, draft flag included; a
+        content.append(row.spec.key_json())  # default spec keeps earlier batches' keys
     blob = json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str)
     return "b1:" + hashlib.sha256(blob.encode()).hexdigest()

@@ -26,6 +26,20 @@ import ffmpeg
 from farm.errors import PermanentError
 
 AUDIO_BITRATE = "128k"
+OPUS_BITRATE = "96k"
+# The delivered formats (farm/output.py FORMATS): video codec, pixel format, audio codec.
+# mp4 uses the worker's H.264 encoder (farm/encoders.py); the others have one each.
+TARGETS: dict[str, tuple[str, str, str]] = {
+    "mp4": ("", "yuv420p", "aac"),
+    "webm": ("libvpx-vp9", "yuv420p", "libopus"),
+    "webm-alpha": ("libvpx-vp9", "yuva420p", "libopus"),
+    "mov-prores": ("prores_ks", "yuva444p10le", "pcm_s16le"),
+}
+# A chunk with alpha: FFV1 (lossless, intra-only, so every chunk is a closed GOP) in
+# Matroska, RGBA stored as BGRA: the rendered pixels exactly, alpha included.
+ALPHA_CHUNK_CODEC = "ffv1"
+# The draft watermark (drawtext with the captions' font): its text and where it sits.
+WATERMARK = "DRAFT"
 
 
 class EncodeFailed(PermanentError):
@@ -58,26 +72,98 @@ class VideoFormat:
     # and the folder of its font (caption_font); "" for none.
     subtitles: str = ""
     fontsdir: str = ""
+    # RGBA frames (a chunk: FFV1 BGRA; the mux pipe: raw RGBA) for a transparent output.
+    alpha: bool = False
+    # The delivered format (farm/output.py FORMATS); a chunk's is its intermediate's.
+    target: str = "mp4"
+    # A draft: the fastest settings, and WATERMARK drawn (font from `fontsdir`).
+    draft: bool = False
 
     @classmethod
-    def chunk(cls, width: int, height: int, fps: int, codec: str = "libx264") -> VideoFormat:
+    def chunk(
+        cls, width: int, height: int, fps: int, codec: str = "libx264", alpha: bool = False
+    ) -> VideoFormat:
         """A render chunk: lossless, the fastest preset, with the worker's encoder
         (farm/encoders.py). Chunks of one job may come from different encoders: the mux
-        stage decodes each one on its own."""
+        stage decodes each one on its own. With `alpha`: FFV1 RGBA (the frames handed
+        to FrameEncoder are then (N, H, W, 4))."""
+        if alpha:
+            return cls(width, height, fps, codec=ALPHA_CHUNK_CODEC, crf=0, preset="", alpha=True)
         return cls(width, height, fps, codec=codec, crf=0, preset="ultrafast")
 
     @classmethod
-    def delivery(cls, width: int, height: int, fps: int, codec: str = "libx264") -> VideoFormat:
-        """The delivered video, encoded once by the mux stage."""
-        return cls(width, height, fps, codec=codec)
+    def delivery(
+        cls,
+        width: int,
+        height: int,
+        fps: int,
+        codec: str = "libx264",
+        target: str = "mp4",
+        draft: bool = False,
+        alpha: bool | None = None,
+    ) -> VideoFormat:
+        """The delivered video, encoded once by the mux stage: `codec` (the worker's
+        H.264 encoder) for mp4, VP9 for webm, ProRes 4444 for mov-prores. `alpha`: the
+        chunks carry alpha (default: the target keeps it)."""
+        if target not in TARGETS:
+            raise PermanentError(f"unknown output format {target!r}")
+        own = TARGETS[target][0] or codec
+        keeps = TARGETS[target][1].startswith("yuva")
+        crf = (30 if own in ("libx264", "h264_nvenc") else 40) if draft else None
+        if own == "libvpx-vp9" and crf is None:
+            crf = 32
+        return cls(
+            width,
+            height,
+            fps,
+            codec=own,
+            crf=20 if crf is None else crf,
+            preset="ultrafast" if draft else "veryfast",
+            alpha=keeps if alpha is None else alpha,
+            target=target,
+            draft=draft,
+        )
 
     @property
     def lossless(self) -> bool:
         return self.crf == 0
 
+    @property
+    def chunk_suffix(self) -> str:
+        """The file suffix of a chunk in this format (an alpha chunk is Matroska)."""
+        return ".mkv" if self.codec == ALPHA_CHUNK_CODEC else ".mp4"
+
+    @property
+    def input_pix_fmt(self) -> str:
+        """The raw frames FrameEncoder takes (rgba for alpha, else rgb24)."""
+        return "rgba" if self.alpha else "rgb24"
+
+    @property
+    def pipe_pix_fmt(self) -> str:
+        """The raw frames the mux decodes chunks to: RGBA when alpha, else YUV 4:2:0."""
+        return "rgba" if self.alpha else "yuv420p"
+
     def codec_options(self, gop: int | None = None) -> dict[str, Any]:
         """`gop`: a closed GOP of exactly that many frames (a chunk); None: the
         encoder's own keyframe placement (the delivered video)."""
+        if self.codec == ALPHA_CHUNK_CODEC:
+            # Every frame a keyframe: any GOP is closed; level 3 slices in parallel.
+            return {"vcodec": self.codec, "pix_fmt": "bgra", "level": 3, "g": 1}
+        if self.codec == "libvpx-vp9":
+            pix = TARGETS[self.target][1] if self.alpha else "yuv420p"
+            speed = ("realtime", 8) if self.draft else ("good", 5)
+            return {
+                "vcodec": self.codec,
+                "pix_fmt": pix,
+                "crf": self.crf,
+                "b:v": 0,
+                "row-mt": 1,
+                "deadline": speed[0],
+                "cpu-used": speed[1],
+            }
+        if self.codec == "prores_ks":
+            pix = "yuva444p10le" if self.alpha else "yuv444p10le"
+            return {"vcodec": self.codec, "profile:v": 4, "pix_fmt": pix, "vendor": "apl0"}
         opts: dict[str, Any] = {"vcodec": self.codec, "pix_fmt": "yuv420p", "bf": 0}
         if gop is not None:
             opts["g"] = gop
@@ -93,43 +179,80 @@ class VideoFormat:
 
 
 def encode_argv(exe: str, out: Path, fmt: VideoFormat, frames: int) -> list[str]:
-    """Raw RGB frames on stdin to one H.264 segment of exactly `frames` frames."""
+    """Raw RGB (or RGBA) frames on stdin to one chunk of exactly `frames` frames: H.264
+    in MP4, or FFV1 in Matroska when it has alpha (whatever the file's name)."""
     stream = ffmpeg.input(
-        "pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{fmt.width}x{fmt.height}", r=fmt.fps
-    ).output(
-        str(out),
+        "pipe:",
+        format="rawvideo",
+        pix_fmt=fmt.input_pix_fmt,
+        s=f"{fmt.width}x{fmt.height}",
         r=fmt.fps,
-        video_track_timescale=fmt.fps * 512,
-        movflags="+faststart",
-        **fmt.codec_options(gop=max(frames, 1)),
+    )
+    if fmt.codec == ALPHA_CHUNK_CODEC:
+        container: dict[str, Any] = {"format": "matroska"}
+    else:
+        container = {"video_track_timescale": fmt.fps * 512, "movflags": "+faststart"}
+    stream = stream.output(
+        str(out), r=fmt.fps, **container, **fmt.codec_options(gop=max(frames, 1))
     )
     return _quiet(stream.compile(cmd=exe, overwrite_output=True))
 
 
-def decode_argv(exe: str, part: Path) -> list[str]:
-    """One chunk's video, decoded to raw YUV 4:2:0 on stdout."""
-    stream = ffmpeg.input(str(part)).video.output("pipe:", format="rawvideo", pix_fmt="yuv420p")
+def decode_argv(exe: str, part: Path, alpha: bool = False) -> list[str]:
+    """One chunk's video, decoded to raw YUV 4:2:0 (RGBA with `alpha`) on stdout."""
+    pix = "rgba" if alpha else "yuv420p"
+    stream = ffmpeg.input(str(part)).video.output("pipe:", format="rawvideo", pix_fmt=pix)
     return _quiet(stream.compile(cmd=exe))
 
 
+def watermark_filter(fontfile: str, height: int) -> dict[str, Any]:
+    """drawtext's options for the draft watermark: WATERMARK in white with a dark
+    outline, an eighth of the height, centred in the top quarter."""
+    return {
+        "fontfile": fontfile,
+        "text": WATERMARK,
+        "fontcolor": "white",
+        "fontsize": "h/8",
+        "borderw": max(1, height // 160),
+        "bordercolor": "black",
+        "x": "(w-text_w)/2",
+        "y": "h/12",
+    }
+
+
 def final_argv(exe: str, fmt: VideoFormat, audio: Path, out: Path) -> list[str]:
-    """Raw YUV 4:2:0 frames on stdin and the job's audio to the delivered MP4: the
-    video encoded once, the audio as AAC, the index up front for streaming."""
+    """Raw frames on stdin (YUV 4:2:0, or RGBA with alpha) and the job's audio to the
+    delivered video: encoded once, in `fmt.target`'s container (MP4: H.264 + AAC with
+    the index up front; WebM: VP9 + Opus; MOV: ProRes 4444 + PCM)."""
     video = ffmpeg.input(
-        "pipe:", format="rawvideo", pix_fmt="yuv420p", s=f"{fmt.width}x{fmt.height}", r=fmt.fps
+        "pipe:",
+        format="rawvideo",
+        pix_fmt=fmt.pipe_pix_fmt,
+        s=f"{fmt.width}x{fmt.height}",
+        r=fmt.fps,
     ).video
     if fmt.subtitles:
         video = video.filter("subtitles", filename=fmt.subtitles, fontsdir=fmt.fontsdir)
+    if fmt.draft and fmt.fontsdir:
+        font = f"{fmt.fontsdir}/{CAPTION_FONT_FILE}"
+        video = video.filter("drawtext", **watermark_filter(font, fmt.height))
     sound = ffmpeg.input(str(audio))
+    acodec = TARGETS.get(fmt.target, TARGETS["mp4"])[2]
+    if acodec == "aac":
+        extra: dict[str, Any] = {"audio_bitrate": AUDIO_BITRATE}
+    elif acodec == "libopus":
+        extra = {"audio_bitrate": OPUS_BITRATE}
+    else:
+        extra = {}
+    if fmt.target in ("mp4", "mov-prores"):
+        extra.update(video_track_timescale=fmt.fps * 512, movflags="+faststart")
     stream = ffmpeg.output(
         video,
         sound.audio,
         str(out),
         r=fmt.fps,
-        video_track_timescale=fmt.fps * 512,
-        acodec="aac",
-        audio_bitrate=AUDIO_BITRATE,
-        movflags="+faststart",
+        acodec=acodec,
+        **extra,
         **fmt.codec_options(),
     )
     return _quiet(stream.compile(cmd=exe, overwrite_output=True))
@@ -153,7 +276,7 @@ def join_and_encode(parts: list[Path], audio: Path, out: Path, fmt: VideoFormat)
         try:
             for part in parts:
                 dec = subprocess.run(
-                    decode_argv(exe, part), stdout=write_end, stderr=subprocess.PIPE
+                    decode_argv(exe, part, fmt.alpha), stdout=write_end, stderr=subprocess.PIPE
                 )
                 if dec.returncode != 0:
                     bad_part = (
@@ -232,7 +355,8 @@ class FrameEncoder:
         import numpy as np
 
         batch = np.ascontiguousarray(frames, dtype=np.uint8)
-        if batch.shape[1:] != (self.fmt.height, self.fmt.width, 3):
+        channels = 4 if self.fmt.alpha else 3
+        if batch.shape[1:] != (self.fmt.height, self.fmt.width, channels):
             raise PermanentError(f"frame shape {batch.shape[1:]} does not match the output")
         try:
             self._stdin.write(batch.data)
@@ -300,8 +424,10 @@ def poster_argv(exe: str, video: Path, seconds: float, out: Path) -> list[str]:
 def preview_argv(
     exe: str, video: Path, start: float, seconds: float, width: int, fps: int, out: Path
 ) -> list[str]:
-    """A looping animated WebP of `seconds` from `start`, `width` wide, `fps` a second."""
-    vf = f"fps={fps},scale={width}:-2:flags=lanczos"
+    """A looping animated WebP of `seconds` from `start`, `width` wide, `fps` a second.
+    Opaque even from a transparent video: libwebp's animation encoder merges frames of
+    an alpha stream that differ only a little, and a preview is looked at, not composed."""
+    vf = f"fps={fps},scale={width}:-2:flags=lanczos,format=yuv420p"
     return _quiet(
         [exe, "-ss", f"{start:.4f}", "-t", f"{seconds:.4f}", "-i", str(video), "-an"]
         + ["-vf", vf, "-c:v", "libwebp_anim", "-loop", "0", "-quality", "70", "-y", str(out)]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from farm import batches, manifest
+from farm import batches, manifest, output
 from farm.config import Settings
 from farm.context import Context
 from farm.db import utcnow
@@ -71,9 +71,10 @@ def scan(root: Path) -> tuple[list[RawRow], list[Problem]]:
             continue
         for r in raw:
             rows.append(RawRow(f"{path.name} {r.where}", r.values, r.line))
-            script = r.values.get("script")
-            if isinstance(script, str) and script.strip():
-                named.add(posixpath.normpath(script.strip()))
+            for column in ("script", "template"):  # a template is not a script of its own
+                named_path = r.values.get(column)
+                if isinstance(named_path, str) and named_path.strip():
+                    named.add(posixpath.normpath(named_path.strip()))
     for r in manifest.read_directory(root):
         if r.where not in named:
             rows.append(r)
@@ -85,7 +86,12 @@ def options(settings: Settings) -> batches.Options:
         fps=settings.fps,
         size=parse_size(str(settings.size)),
         chunk_frames=settings.chunk_frames,
-        defaults=Defaults(avatar=settings.nightly_avatar, voice=settings.nightly_voice),
+        defaults=Defaults(
+            avatar=settings.nightly_avatar,
+            voice=settings.nightly_voice,
+            spec=output.defaults_from(settings),  # FARM_OUTPUT_FORMAT, FARM_ASPECT, ...
+            size=parse_size(str(settings.size)),
+        ),
     )
 
 

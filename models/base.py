@@ -136,6 +136,23 @@ class AvatarArtifact(Protocol):
     def to_bytes(self) -> bytes: ...
 
 
+class WholePhotoAvatar(AvatarArtifact, Protocol):
+    """An avatar whose renderer can output its whole photo: a plan of `photo_size`
+    renders it (`--size photo`, and composed output: farm/layout.py). portrait, ditto
+    and gaussiantalker avatars are."""
+
+    @property
+    def photo_size(self) -> tuple[int, int]:
+        """(width, height) of whole-photo output."""
+        ...
+
+    @property
+    def face_box(self) -> tuple[int, int, int]:
+        """(x0, y0, side): the square around the face in whole-photo output pixels (it
+        may overhang the frame), for placing the face on a delivered aspect ratio."""
+        ...
+
+
 class Renderer(Protocol):
     name: str
 

@@ -34,6 +34,9 @@ RENDERER_OPTIONS: dict[str, dict[str, tuple[int, int]]] = {
 DITTO_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise", "contempt")
 # Backends whose plan stage needs the GPU, so it runs on the render queue.
 PLANS_ON_RENDER: frozenset[str] = frozenset({"ditto", "gaussiantalker"})
+# Backends that can render the avatar's whole photo (`--size photo`, `--aspect`): their
+# avatars have photo_size and face_box (models/base.py WholePhotoAvatar).
+WHOLE_PHOTO: frozenset[str] = frozenset({"portrait", "ditto", "gaussiantalker"})
 
 
 @cache

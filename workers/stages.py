@@ -36,6 +36,7 @@ from farm import (
     extras,
     jobs,
     markup,
+    output,
     pipeline,
     queries,
     states,
@@ -59,6 +60,7 @@ from models import tts
 from models.base import Plan, Speech
 from models.timeline import assemble_audio
 from models.wav import read_wav, write_wav
+from workers import compose
 from workers.avatars import load_avatar, renderer_for
 
 log = logging.getLogger("farm.render")
@@ -208,6 +210,7 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
         texts = [markup.speech_of(seg.text)[0] if seg.text else "" for seg in rows]
         avatar_name, renderer_name, options = job.avatar, job.renderer, job.options
         poster_at = (job.delivery or {}).get("poster_at")
+        delivery = job.delivery
         fps, size, seed, chunk_frames = job.fps, (job.width, job.height), job.seed, job.chunk_frames
         lead_in, tail = jobs.padding(bool(job.audio_key))
     parts = [_stored_segment(ctx, job_id, idx, pause_ms) for idx, pause_ms in segments]
@@ -228,11 +231,13 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
 
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
-    if size == jobs.PHOTO_SIZE:
-        size = getattr(avatar, "photo_size", None)
-        if size is None:
-            raise InvalidInput(f"the {renderer_name} renderer has no whole-photo output")
-    motion = renderer.plan(avatar, seconds, phones, fps, size, seed, speech, options)
+    # A composed job (workers/compose.py) may render the whole photo for another size.
+    render_size, out_size = compose.plan_sizes(
+        compose.spec_of(delivery), size, avatar, renderer_name
+    )
+    motion = renderer.plan(avatar, seconds, phones, fps, render_size, seed, speech, options)
+    if out_size == render_size:
+        out_size = (motion.width, motion.height)
     if motion.frame_count != math.ceil(seconds * fps):
         raise InvalidInput(f"plan has {motion.frame_count} frames for {seconds:.3f} s")
     ctx.store.put_bytes(job_key(job_id, "plan.npz"), motion.to_bytes())
@@ -247,8 +252,8 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
                 job_id,
                 audio_seconds=seconds,
                 frame_count=motion.frame_count,
-                width=motion.width,
-                height=motion.height,
+                width=out_size[0],
+                height=out_size[1],
                 chunks_total=queries.insert_chunks(s, job_id, ranges),
             )
             queries.record_timing(s, job_id, "plan", time.perf_counter() - started)
@@ -371,13 +376,22 @@ def _render_frames(
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
     setting = ctx.settings.video_encoder
-    fmt = VideoFormat.chunk(motion.width, motion.height, motion.fps, encoders.codec_for(setting))
     with tempfile.TemporaryDirectory(prefix="farm-chunk-") as tmp:
+        # A composed job's frames go through its compositor (None for a plain job):
+        # the chunk is then at the output size, RGBA where the output has alpha.
+        composer = compose.chunk_compositor(
+            ctx, job_id, motion, avatar, renderer_name, frames.start, Path(tmp)
+        )
+        width, height = composer.size if composer else (motion.width, motion.height)
+        alpha = bool(composer and composer.alpha)
+        codec = encoders.codec_for(setting)
+        fmt = VideoFormat.chunk(width, height, motion.fps, codec, alpha=alpha)
         out = Path(tmp) / f"{idx:05d}.mp4"
         started = time.perf_counter()
         encoder = FrameEncoder(out, fmt, len(frames))
+        sink: Any = _CheckedSink(ctx, job_id, encoder)
         try:
-            renderer.render(avatar, motion, frames, _CheckedSink(ctx, job_id, encoder))
+            renderer.render(avatar, motion, frames, composer.sink(sink) if composer else sink)
             encoder.close()
         except EncodeFailed as exc:
             encoder.abort()
@@ -385,6 +399,9 @@ def _render_frames(
         except BaseException:
             encoder.abort()
             raise
+        finally:
+            if composer:
+                composer.close()
         seconds = time.perf_counter() - started
         ctx.store.put_file(chunk_key(job_id, idx), out)
     if jobs.clean_if_cancelled(ctx, job_id):  # cancelled while this chunk was uploading
@@ -411,13 +428,23 @@ def join(ctx: Context, job_id: str) -> None:
             return
         expected, n_chunks = job.frame_count, job.chunks_total
         setting = ctx.settings.video_encoder
-        fmt = VideoFormat.delivery(job.width, job.height, job.fps, encoders.codec_for(setting))
-        final = job.target_key or job_key(job_id, "final.mp4")
+        # What the job delivers (farm/output.py): the format decides the encoder and
+        # the suffix; alpha formats read RGBA chunks; a draft is fast and watermarked.
+        spec = output.OutputSpec.from_json(job.delivery)
+        codec = encoders.codec_for(setting) if spec.format == "mp4" else "libx264"
+        fmt = VideoFormat.delivery(
+            job.width, job.height, job.fps, codec, spec.format, spec.draft, alpha=spec.alpha
+        )
+        final = job.target_key or job_key(job_id, "final" + spec.suffix)
         delivery = job.delivery
+    if spec.draft:
+        fmt = dataclasses.replace(fmt, fontsdir=caption_font())  # the watermark's font
     with tempfile.TemporaryDirectory(prefix="farm-mux-") as tmp:
         work = Path(tmp)
+        ext = ".mkv" if spec.alpha else ".mp4"
         parts = [
-            ctx.store.get_file(chunk_key(job_id, i), work / f"{i:05d}.mp4") for i in range(n_chunks)
+            ctx.store.get_file(chunk_key(job_id, i), work / f"{i:05d}{ext}")
+            for i in range(n_chunks)
         ]
         audio = ctx.store.get_file(job_key(job_id, "audio.wav"), work / "audio.wav")
         cues = _captions(ctx, job_id, delivery, expected / fmt.fps)
@@ -425,16 +452,18 @@ def join(ctx: Context, job_id: str) -> None:
             ass = work / "captions.ass"
             ass.write_text(captions.to_ass(cues, fmt.width, fmt.height), encoding="utf-8")
             fmt = dataclasses.replace(fmt, subtitles=str(ass), fontsdir=caption_font())
-        out = work / "final.mp4"
+        out = work / ("final" + spec.suffix)
         try:
             join_and_encode(parts, audio, out, fmt)
         except EncodeFailed as exc:
+            if fmt.codec not in encoders.ENCODERS:  # VP9, ProRes: no other to fall back to
+                raise PermanentError(f"{spec.format}: {exc}") from exc
             raise encoders.died(setting, fmt.codec, str(exc)) from exc
         frames = count_frames(out)
         if frames != expected:
             raise PermanentError(f"the joined video has {frames} frames, the plan {expected}")
         if delivery:
-            _poster_and_preview(ctx, job_id, out, delivery, expected, fmt.fps, work)
+            _poster_and_preview(ctx, job_id, out, delivery, expected, fmt.fps, work, fmt.width)
         ctx.store.put_file(final, out)
     if jobs.clean_if_cancelled(ctx, job_id, final):
         raise Cancelled(f"job {job_id} was cancelled")
@@ -466,8 +495,10 @@ def _poster_and_preview(
     frame_count: int,
     fps: int,
     work: Path,
+    width: int,
 ) -> None:
-    """The poster (frame by rule, farm/extras.py) and the animated preview, to the store."""
+    """The poster (frame by rule, farm/extras.py) and the animated preview, to the store.
+    `width`: the delivered video's (a composed job's plan is at the render's size)."""
     motion = Plan.from_bytes(ctx.store.get_bytes(job_key(job_id, "plan.npz")))
     closed = None
     if "blink_left" in motion.channels and "blink_right" in motion.channels:
@@ -483,7 +514,7 @@ def _poster_and_preview(
         video,
         start,
         extras.PREVIEW_SECONDS,
-        extras.preview_width(motion.width),
+        extras.preview_width(width),
         extras.PREVIEW_FPS,
         work / extras.PREVIEW,
     )
@@ -514,9 +545,12 @@ def publish(ctx: Context, job_id: str, bulk: bool = False) -> bool:
 
 
 def final_key(ctx: Context, job_id: str) -> str:
-    """Where the video is published: a batch row's output key, else jobs/{id}/final.mp4."""
+    """Where the video is published: a batch row's output key, else jobs/{id}/final.mp4
+    (.webm, .mov: the suffix of the job's format)."""
     with ctx.session() as s:
-        return queries.job_target_key(s, job_id) or job_key(job_id, "final.mp4")
+        job = queries.get_job(s, job_id)
+        suffix = output.OutputSpec.from_json(job.delivery).suffix
+        return job.target_key or job_key(job_id, "final" + suffix)
 
 
 # --- a stage that failed ----------------------------------------------------

@@ -44,6 +44,10 @@ CROP = 512  # the decoder's output: the face crop
 MOTION_FPS = 25  # HuBERT features and LMDM motion run at 25 frames per second
 SOURCE_KEYS = ("kp", "pitch", "yaw", "roll", "t", "exp", "scale")
 X_D = tuple(f"x_d{i}" for i in range(63))  # the plan's channels: 21 keypoints x 3
+# The 512 crop around the face (prepare_avatar): the landmarks' extent times the scale,
+# its centre shifted by vy times the side (up: more forehead).
+FACE_CROP_SCALE = 2.3
+FACE_CROP_VY = -0.125
 
 
 @dataclass
@@ -65,6 +69,21 @@ class DittoAvatar:
         """(width, height) of whole-photo output, even sides for H.264."""
         h, w = self.photo.shape[:2]
         return w - w % 2, h - h % 2
+
+    @property
+    def face_box(self) -> tuple[int, int, int]:
+        """(x0, y0, side) of the face in whole-photo output pixels (models/base.py). The
+        crop is the landmarks' extent times FACE_CROP_SCALE, shifted up by 0.125 of its
+        side (prepare_avatar); undone here and mapped to the photo by M_c2o. A 512x512
+        photo renders as the crop itself, so there the box is in crop pixels."""
+        side = CROP / FACE_CROP_SCALE
+        centre = np.array([CROP / 2, CROP / 2 - FACE_CROP_VY * CROP, 1.0])  # the face's mid
+        if self.photo_size != (CROP, CROP):
+            m = np.asarray(self.m_c2o, dtype=np.float64)
+            centre = m @ centre
+            side *= math.sqrt(abs(np.linalg.det(m[:2, :2])))
+        x, y = float(centre[0]), float(centre[1])
+        return int(round(x - side / 2)), int(round(y - side / 2)), max(int(round(side)), 1)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -177,7 +196,7 @@ class DittoRenderer:
         m224 = crop.crop_matrix(lmk106, 224, scale=1.5, vy=-0.1)
         face224 = crop.warp(photo, m224, (224, 224))
         lmk203 = self.aux("landmark203")(face224, np.linalg.inv(m224))
-        m_o2c = crop.crop_matrix(lmk203, CROP, scale=2.3, vx=0.0, vy=-0.125)
+        m_o2c = crop.crop_matrix(lmk203, CROP, scale=FACE_CROP_SCALE, vx=0.0, vy=FACE_CROP_VY)
         face = crop.warp(photo, m_o2c, (CROP, CROP))
         eye_open, eye_ball, eye_regions = eyes.measure_with_regions(face)
         if eye_regions is None:

@@ -68,6 +68,38 @@ class GaussianTalkerAvatar:
         """The training video's resolution: whole-frame output (`--size photo`)."""
         return self.model.size
 
+    @property
+    def face_box(self) -> tuple[int, int, int]:
+        """(x0, y0, side) of the head in output pixels (models/base.py): the model's
+        Gaussians (the head only; the torso is the training frames') projected by the
+        first source frame's camera, their middle 80 % on each axis. The frame's centre
+        where nothing projects in front of the camera, or the head's centre falls
+        outside the frame."""
+        if "face_box" not in self.cache:
+            self.cache["face_box"] = _head_box(self.model)
+        return self.cache["face_box"]
+
+
+def _head_box(model: Any) -> tuple[int, int, int]:
+    w, h = model.size
+    fallback = (w // 2 - min(w, h) // 4, h // 2 - min(w, h) // 4, max(min(w, h) // 2, 1))
+    if not model.frames or len(model.gaussians) == 0:
+        return fallback
+    cam = model.frames[0].camera
+    view = model.gaussians.xyz.astype(np.float64) @ cam.R.astype(np.float64) + cam.T
+    ahead = view[view[:, 2] > 1e-6]
+    if len(ahead) == 0:
+        return fallback
+    (fx, fy) = model.focal
+    u = fx * ahead[:, 0] / ahead[:, 2] + w / 2
+    v = fy * ahead[:, 1] / ahead[:, 2] + h / 2
+    (u0, u1), (v0, v1) = np.percentile(u, [10, 90]), np.percentile(v, [10, 90])
+    side = float(max(u1 - u0, v1 - v0, 1.0))
+    cx, cy = (u0 + u1) / 2, (v0 + v1) / 2
+    if not (0 <= cx <= w and 0 <= cy <= h):  # a head outside its own frame: untrusted
+        return fallback
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), int(round(side))
+
 
 class GaussianTalkerRenderer:
     name = "gaussiantalker"

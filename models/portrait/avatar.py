@@ -53,6 +53,21 @@ class PortraitAvatar:
             )
         return int(self.photo.shape[1]), int(self.photo.shape[0])
 
+    @property
+    def face_box(self) -> tuple[int, int, int]:
+        """(x0, y0, side): the square around the face's landmarks in the pixels of
+        whole-photo output (models/base.py WholePhotoAvatar). A 512x512 photo renders as
+        the crop itself (renderer.py), so there the box is in crop pixels."""
+        points = self.landmarks.astype(np.float64)
+        if self.photo_size != (CROP_SIZE, CROP_SIZE):
+            assert self.crop_box is not None
+            x0, y0, side = self.crop_box
+            points = points * (side / CROP_SIZE) + np.array([x0, y0], dtype=np.float64)
+        lo, hi = points.min(axis=0), points.max(axis=0)
+        side = float((hi - lo).max())
+        cx, cy = (lo + hi) / 2
+        return int(round(cx - side / 2)), int(round(cy - side / 2)), max(int(round(side)), 1)
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         extra: dict[str, np.ndarray] = {}

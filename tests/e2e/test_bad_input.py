@@ -661,6 +661,57 @@ MANIFEST_CASES = [
         {},
         "seed must be within",
     ),
+    (
+        "template variable missing",
+        {
+            "m.csv": b"template,name,city\nt.txt,Ann,\nt.txt,Bob,Rome\n",
+            "t.txt": b"Hi {name} of {city}.",
+        },
+        "m.csv",
+        [],
+        {},
+        "line 2: template t.txt: missing variable(s) city",
+    ),
+    (
+        "template column unused",
+        {"m.csv": b"template,name,city\nt.txt,Ann,Rome\n", "t.txt": b"Hi {name}."},
+        "m.csv",
+        [],
+        {},
+        "unused column(s) city",
+    ),
+    (
+        "template attribute access",
+        {"m.csv": b"template,name\nt.txt,Ann\n", "t.txt": b"Hi {name.__class__}."},
+        "m.csv",
+        [],
+        {},
+        "bad field {name.__class__}",
+    ),
+    (
+        "template outside",
+        {"m/m.csv": b"template,name\n../t.txt,Ann\n", "t.txt": b"Hi {name}."},
+        "m/m.csv",
+        [],
+        {},
+        "template path '../t.txt' leads outside",
+    ),
+    (
+        "template option unclosed",
+        {"m.csv": b"name\nAnn\n", "t.txt": b"Hi {name."},
+        "m.csv",
+        ["--name", "b1", "--template", "t.txt"],
+        {},
+        "template t.txt, line 1: a '{' that is not closed",
+    ),
+    (
+        "template markup in a plain template",
+        {"m.csv": b'template,name\nt.txt,"<break time=""9s""/>"\n', "t.txt": b"Hi {name}."},
+        "m.csv",
+        [],
+        {},
+        "the value holds script markup",
+    ),
 ]
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from farm import batches, extras, jobs, pipeline, queries, states, webhooks
 from farm.context import Context
 from farm.errors import InvalidInput
+from farm.output import OutputSpec
 from farm.stores import job_key
 from tests.conftest import job_rows
 from tests.pipeline import run_stages
@@ -39,7 +40,8 @@ def request(**changes: object) -> jobs.JobRequest:
         renderer="null",
         seed=3,
     )
-    return jobs.JobRequest(**{**values, **changes})
+    spec = {k: changes.pop(k) for k in ("captions", "poster_at") if k in changes}
+    return jobs.JobRequest(**{**values, **changes}, output=OutputSpec(**spec))
 
 
 def run(ctx: Context, **changes: object):
