@@ -282,7 +282,10 @@ def _check_seed(seed: int | None) -> None:
 )
 @click.option("--avatar", default="demo", show_default=True, help="Avatar name.")
 @click.option(
-    "--voice", default="joe", show_default=True, help=f"TTS voice: {', '.join(jobs.VOICES)}."
+    "--voice",
+    default="joe",
+    show_default=True,
+    help=f"TTS voice: {', '.join(jobs.VOICES)} or one added with 'farm voice add'.",
 )
 @_output_options
 @click.option("--seed", type=int, default=None, help="Motion seed (random when unset).")
@@ -556,13 +559,15 @@ def status(job_id: str) -> None:
         click.echo(f"error     {job.error}")
     if job.output_key:
         click.echo(f"output    {ctx.store.url(job.output_key)}")
+    if job.expired_at:
+        click.echo(f"expired   {job.expired_at:%Y-%m-%d %H:%M:%S} UTC (FARM_RETENTION_DAYS)")
     from farm import extras
 
     for name, key in extras.artifact_keys(job).items():
         click.echo(f"{name:<9} {ctx.store.url(key)}")
 
 
-@main.command(name="jobs")
+@main.group(name="jobs", invoke_without_command=True)
 @click.option("--limit", type=click.IntRange(1, MAX_LISTED), default=20, show_default=True)
 @click.option(
     "--state",
@@ -570,9 +575,12 @@ def status(job_id: str) -> None:
     default=None,
     help="Only jobs in this state.",
 )
+@click.pass_context
 @fail_cleanly
-def list_jobs(limit: int, state: str | None) -> None:
-    """List recent jobs, newest first."""
+def list_jobs(cctx: click.Context, limit: int, state: str | None) -> None:
+    """List recent jobs, newest first (`farm jobs delete` removes jobs)."""
+    if cctx.invoked_subcommand is not None:
+        return
     listed = jobs.listing(make_context(), limit, state)
     click.echo(f"{'JOB':12}  {'STATE':10}  {'PROGRESS':>8}  {'AUDIO':>7}  {'WALL':>7}  AVATAR")
     for job, fraction in listed:
@@ -581,6 +589,51 @@ def list_jobs(limit: int, state: str | None) -> None:
             f"{job.id[:12]:12}  {job.state:10}  {fraction:>8.0%}  "
             f"{_fmt_seconds(job.audio_seconds):>7}  {_fmt_seconds(wall):>7}  {job.avatar}"
         )
+
+
+def _job_ids(_ctx: Any, _param: Any, values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_JOB_ID(_ctx, _param, v) for v in values)
+
+
+@list_jobs.command(name="delete")
+@click.argument("job_ids", metavar="[JOB]...", nargs=-1, callback=_job_ids)
+@click.option(
+    "--avatar",
+    default=None,
+    metavar="NAME",
+    help="Also every job of avatar NAME (to erase a person: then `farm avatar delete NAME`).",
+)
+@click.option("--cancel", is_flag=True, help="Cancel jobs that have not ended, then delete them.")
+@fail_cleanly
+def jobs_delete(job_ids: tuple[str, ...], avatar: str | None, cancel: bool) -> None:
+    """Delete jobs for good: their rows, webhook records, video and every artifact in
+    the store (JOB may be an id prefix). A running job needs --cancel. Store objects
+    that cannot be deleted now are retried by the sweep; every deletion is recorded."""
+    from farm import retention
+
+    if not job_ids and avatar is None:
+        raise InvalidInput("name at least one JOB, or --avatar NAME")
+    ctx = make_context()
+    names = list(job_ids) + (retention.jobs_of_avatar(ctx, avatar) if avatar else [])
+    if not names:
+        click.echo(f"avatar {avatar} has no jobs: nothing to delete")
+    for done in retention.delete_jobs(ctx, names, cancel=cancel):
+        click.echo(_deleted_line(done))
+
+
+def _deleted_line(done: Any) -> str:
+    what = f"{done.kind} {done.subject}"
+    if done.already is not None:
+        line = f"{what} was already deleted ({done.already:%Y-%m-%d %H:%M:%S} UTC)"
+        return line + (f"; {done.engines} engine(s) removed here" if done.engines else "")
+    if not done.registered:
+        return f"{what} is built in and not registered: nothing to delete"
+    line = f"deleted {what}: {done.rows} row(s), {done.objects} store object(s), {done.bytes} bytes"
+    if done.engines:
+        line += f", {done.engines} engine(s)"
+    if done.pending:
+        line += f"; {done.pending} store deletion(s) pending: the sweep retries them"
+    return line
 
 
 @main.command()
@@ -628,6 +681,32 @@ def sweep(stall_seconds: int | None) -> None:
         ctx = Context(settings, ctx.dispatcher)
     n = lost.run(ctx)
     click.echo(f"{n} stalled job(s) queued again")
+
+
+@main.command()
+@click.option("--since", default=None, metavar="DATE", help="Jobs created from DATE (UTC).")
+@click.option(
+    "--by",
+    type=click.Choice(["day", "avatar", "batch", "worker"]),
+    default=None,
+    help="One row per group (and a total).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@fail_cleanly
+def usage(since: str | None, by: str | None, fmt: str) -> None:
+    """Jobs by state, audio seconds, frames rendered, render seconds per device kind and
+    bytes stored, computed from the database."""
+    from farm import usage as figures
+
+    when = figures.parse_since(since)
+    rows = figures.report(make_context(), when, by)
+    click.echo(figures.render(rows, fmt, when, by))
 
 
 # --- avatars ----------------------------------------------------------------
@@ -734,6 +813,117 @@ def avatar_show(name: str) -> None:
     click.echo(f"created   {row.created_at:%Y-%m-%d %H:%M:%S} UTC")
     if row.webhook_url:
         click.echo(f"webhook   {row.webhook_url}")
+
+
+# --- voices -----------------------------------------------------------------
+
+
+@main.group(name="voice")
+def voice_group() -> None:
+    """Register and inspect TTS voices (joe and espeak are built in)."""
+
+
+@voice_group.command(name="add")
+@click.argument("name")
+@click.option(
+    "--piper",
+    "model",
+    default=None,
+    type=click.Path(path_type=Path),
+    metavar="MODEL.onnx",
+    help="A Piper voice model; its language is the espeak-ng voice its config names.",
+)
+@click.option(
+    "--config",
+    default=None,
+    type=click.Path(path_type=Path),
+    metavar="MODEL.onnx.json",
+    help="The voice's Piper config [default: MODEL.onnx.json beside the model].",
+)
+@click.option(
+    "--espeak",
+    "language",
+    default=None,
+    metavar="LANG",
+    help="Instead of --piper: espeak-ng speaking LANG (an espeak-ng voice: de, fr, pt-br).",
+)
+@fail_cleanly
+def voice_add(name: str, model: Path | None, config: Path | None, language: str | None) -> None:
+    """Register NAME from a Piper voice (checked: it loads and speaks, then stored) or
+    an espeak-ng language."""
+    from farm import voices
+
+    if (model is None) == (language is None):
+        missing = "give exactly one of --piper MODEL.onnx or --espeak LANG"
+        raise _one_line_usage(click.UsageError(missing, ctx=click.get_current_context()))
+    if config is not None and model is None:
+        raise InvalidInput("--config goes with --piper (the Piper model's config)")
+    ctx = make_context()
+    if model is not None:
+        row = voices.add(ctx, name, model, config)
+    else:
+        assert language is not None
+        row = voices.add_espeak(ctx, name, language)
+    click.echo(f"added voice {row.name} ({row.kind}, {row.language}, {row.sample_rate} Hz)")
+
+
+@voice_group.command(name="list")
+@fail_cleanly
+def voice_list() -> None:
+    """List the voices: the built-in ones, then the registered ones."""
+    from farm import voices
+
+    rows = voices.listing(make_context())
+    for name, what in voices.BUILTIN_VOICES.items():
+        click.echo(f"{name:20} built in: {what}")
+    for row in rows:
+        click.echo(f"{row.name:20} {row.kind}, {row.language} ({row.sample_rate} Hz)")
+
+
+@voice_group.command(name="show")
+@click.argument("name")
+@fail_cleanly
+def voice_show(name: str) -> None:
+    """Show one voice."""
+    from farm import voices
+
+    if name in voices.BUILTIN_VOICES:
+        click.echo(f"name      {name}\nsource    built in: {voices.BUILTIN_VOICES[name]}")
+        return
+    ctx = make_context()
+    row = voices.find(ctx, name)
+    if row is None:
+        raise NotFound(f"unknown voice {name!r}")
+    click.echo(f"name      {row.name}\nkind      {row.kind}\nlanguage  {row.language}")
+    click.echo(f"rate      {row.sample_rate} Hz")
+    if row.model_key:
+        click.echo(f"model     {row.model_key} ({row.model_bytes} bytes)")
+        click.echo(f"config    {row.config_key}\ndigest    {row.digest}")
+    click.echo(f"created   {row.created_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@voice_group.command(name="remove")
+@click.argument("name")
+@fail_cleanly
+def voice_remove(name: str) -> None:
+    """Remove NAME: its row and files. Refused while queued or running jobs use it."""
+    from farm import voices
+
+    voices.remove(make_context(), name)
+    click.echo(f"removed voice {name}")
+
+
+@avatar.command(name="delete")
+@click.argument("name")
+@fail_cleanly
+def avatar_delete(name: str) -> None:
+    """Delete avatar NAME: its row, photo and artifacts in the store, and the TensorRT
+    engines built for it on this machine. Refused while jobs that have not ended use it;
+    its ended jobs stay (`farm jobs delete --avatar NAME` removes them). The built-in
+    demo may be deleted: its next job registers it again."""
+    from farm import retention
+
+    click.echo(_deleted_line(retention.delete_avatar(make_context(), name)))
 
 
 # --- webhooks ---------------------------------------------------------------
@@ -1030,7 +1220,10 @@ def batch_report(name: str, fmt: str, output: Path | None) -> None:
 @click.option("--queue", required=True, help="The AMQP queue to take messages from.")
 @click.option("--avatar", default="demo", show_default=True, help="For messages that name none.")
 @click.option(
-    "--voice", default="joe", show_default=True, help=f"TTS voice: {', '.join(jobs.VOICES)}."
+    "--voice",
+    default="joe",
+    show_default=True,
+    help=f"TTS voice: {', '.join(jobs.VOICES)} or one added with 'farm voice add'.",
 )
 @click.option(
     "--results",

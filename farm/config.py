@@ -99,6 +99,9 @@ class Settings:
     intake_max_bytes: int = 32 * 1024 * 1024  # largest message body (base64 audio included)
     intake_results: str = ""  # result queue for messages without reply_to; empty: none
     intake_dead_letter: str = ""  # dead-letter queue; empty: "<queue>.dead"
+    # --- retention (farm/retention.py, enforced by the sweep) ---
+    retention_days: int = 0  # outputs of jobs ended longer ago are deleted; 0: kept forever
+    keep_intermediates: bool = False  # keep chunk videos and segment audio after publish
 
     # --- derived -------------------------------------------------------------
     @property
@@ -269,6 +272,7 @@ _NOT_NEGATIVE = (
     "outage_retries",
     "stall_seconds",
     "ditto_steps",
+    "retention_days",
 )
 VIDEO_ENCODERS = ("auto", "h264_nvenc", "libx264")  # farm/encoders.py tries them in order
 # Brokers farm runs on: Redis (the embedded default is redis+socket) and AMQP.
@@ -413,8 +417,17 @@ def redact_logs(logger: logging.Logger, secrets: list[str] | None = None) -> Non
             handler.addFilter(RedactingFilter(found))
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLS.update({"0": False, "false": False, "no": False, "off": False})
+
+
 def _coerce(name: str, type_: Any, raw: str) -> Any:
     kind = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    if kind == "bool":
+        value = _BOOLS.get(raw.strip().lower())
+        if value is None:
+            raise InvalidInput(f"FARM_{name.upper()} must be true or false, got {raw!r}")
+        return value
     try:
         if kind == "int":
             return int(raw)

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -62,6 +63,27 @@ class Avatar(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
 
 
+class Voice(Base):
+    """A registered TTS voice (migration 0007, farm/voices.py): a Piper model's files in
+    the store and what was read from them at `farm voice add`, or an espeak-ng language
+    (no files). The built-in joe and espeak have no row. `digest` (SHA-256 of model and
+    config) names a Piper voice's content: workers cache it by that, so one removed and
+    added again with other files is reloaded."""
+
+    __tablename__ = "voices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)  # as jobs.voice holds it
+    kind: Mapped[str] = mapped_column(String(16))  # piper | espeak
+    language: Mapped[str] = mapped_column(String(32))  # the espeak-ng voice of its phonemes
+    model_key: Mapped[str | None] = mapped_column(String(512))  # piper only
+    config_key: Mapped[str | None] = mapped_column(String(512))
+    digest: Mapped[str | None] = mapped_column(String(64))
+    sample_rate: Mapped[int] = mapped_column(Integer)
+    model_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -105,6 +127,10 @@ class Job(Base):
     # delivery options (migration 0006): {"captions": "off"|"file"|"burn", "poster_at":
     # seconds or None}; None: a job from before captions, posters and previews
     delivery: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # retention (migration 0008): bytes the job holds in the store, measured at publish
+    # (and after its intermediates went); when retention removed its outputs
+    bytes_stored: Mapped[int | None] = mapped_column(BigInteger)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Batch(Base):
@@ -159,6 +185,8 @@ class Chunk(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # usage (migration 0008): the render path the chunk ran on: cpu | cuda | tensorrt
+    device: Mapped[str | None] = mapped_column(String(16))
 
 
 # --- webhooks (migration 0002) -------------------------------------------------
@@ -215,6 +243,45 @@ class WebhookAttempt(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# --- retention and deletion (migration 0008, farm/retention.py) ---------------
+
+
+class Deletion(Base):
+    """The audit record of one deletion: what went (a job, an avatar, a job's outputs or
+    intermediates), when, by which command, and how many store objects and bytes. The
+    counts grow as pending store deletions complete; `pending` is how many are left."""
+
+    __tablename__ = "deletions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # job | avatar | outputs | intermediates
+    subject: Mapped[str] = mapped_column(String(64), index=True)  # job id or avatar name
+    command: Mapped[str] = mapped_column(String(64))  # "farm jobs delete", "retention", ...
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    objects: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class PendingDeletion(Base):
+    """A store prefix still to delete. Written in the same transaction that removes the
+    rows, so an outage of the store loses nothing: the sweep retries until it is gone."""
+
+    __tablename__ = "pending_deletions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deletion_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deletions.id", ondelete="SET NULL"), index=True
+    )
+    prefix: Mapped[str] = mapped_column(String(512))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # What a database outage or restart raises: the server refused or dropped the connection

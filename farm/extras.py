@@ -99,8 +99,8 @@ def preview_width(width: int) -> int:
 def artifact_keys(job: Any) -> dict[str, str]:
     """The extra artifacts of a succeeded job, by name (empty for any other job)."""
     delivery = getattr(job, "delivery", None)
-    if job.state != states.SUCCEEDED or not delivery:
-        return {}
+    if job.state != states.SUCCEEDED or not delivery or getattr(job, "expired_at", None):
+        return {}  # an expired job's artifacts were deleted (farm/retention.py)
     keys = {}
     if delivery.get("captions", "file") != "off":
         keys["captions_srt"] = job_key(job.id, CAPTIONS_SRT)

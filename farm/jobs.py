@@ -109,8 +109,11 @@ def validate(ctx: Context, req: JobRequest) -> Validated:
             f"unknown renderer {req.renderer!r}; choose one of {', '.join(renderer_names())}"
         )
     check_avatar_name(req.avatar)
-    if req.voice not in VOICES:
-        raise InvalidInput(f"unknown voice {req.voice!r}; choose one of {', '.join(VOICES)}")
+    if req.voice not in VOICES and not _registered_voice(ctx, req.voice):
+        raise InvalidInput(
+            f"unknown voice {req.voice!r}; choose one of {', '.join(VOICES)} "
+            "or a voice added with 'farm voice add'"
+        )
     if not 1 <= req.fps <= 60:
         raise InvalidInput(f"fps must be within 1..60, got {req.fps}")
     if not 1 <= req.chunk_frames <= 10_000:
@@ -204,6 +207,12 @@ def check_options(renderer: str, options: dict[str, int] | None) -> None:
         low, high = allowed[name]
         if not low <= value <= high:
             raise InvalidInput(f"{renderer} {name} must be within {low}..{high}, got {value}")
+
+
+def _registered_voice(ctx: Context, name: str) -> bool:
+    from farm import voices
+
+    return voices.is_known(ctx, name)
 
 
 def _own(avatar: str, registered_for: str | None) -> str | None:
@@ -336,8 +345,11 @@ def clean_if_cancelled(ctx: Context, job_id: str, *written: str) -> bool:
     Cancel commits the state before it deletes, and a stage asks after it writes, so
     one of the two always sees the other's work: nothing written survives a cancel."""
     with ctx.session() as s:
-        if queries.job_state(s, job_id) != states.CANCELLED:
-            return False
+        try:
+            if queries.job_state(s, job_id) != states.CANCELLED:
+                return False
+        except NotFound:  # deleted (`farm jobs delete --cancel`): nothing it wrote stays
+            pass
     _remove_artifacts(ctx, job_id, *written)
     return True
 

@@ -20,8 +20,11 @@ from farm.db import (
     Avatar,
     Batch,
     Chunk,
+    Deletion,
     Job,
+    PendingDeletion,
     Segment,
+    Voice,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
@@ -334,6 +337,42 @@ def upsert_avatar(session: Session, **values: Any) -> Avatar:
             setattr(avatar, key, value)
     session.flush()
     return avatar
+
+
+# --- voices (farm/voices.py, workers/voices.py; issue 17 item 1) -----------
+
+
+def get_voice(session: Session, name: str) -> Voice | None:
+    return session.scalar(select(Voice).where(Voice.name == name))
+
+
+def list_voices(session: Session) -> Sequence[Voice]:
+    return session.scalars(select(Voice).order_by(Voice.name)).all()
+
+
+def insert_voice(session: Session, **values: Any) -> Voice:
+    """A new voice row, flushed: a name taken meanwhile raises IntegrityError here,
+    before the caller writes its files."""
+    voice = Voice(**values)
+    session.add(voice)
+    session.flush()
+    return voice
+
+
+def delete_voice(session: Session, name: str) -> bool:
+    return bool(session.execute(delete(Voice).where(Voice.name == name)).rowcount)
+
+
+def active_jobs_with_voice(session: Session, name: str, limit: int = 5) -> list[str]:
+    """Ids of queued or running jobs that speak with voice `name` (a few)."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.voice == name, Job.state.in_(states.ACTIVE))
+            .order_by(Job.created_at)
+            .limit(limit)
+        )
+    )
 
 
 # --- webhooks (farm/webhooks.py) ---------------------------------------------
@@ -697,3 +736,254 @@ def touch_delivery(session: Session, delivery_id: str, when: datetime) -> None:
     session.execute(
         update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(updated_at=when)
     )
+
+
+# --- retention, deletion and usage (farm/retention.py, farm/usage.py) --------
+
+
+def active_jobs_of_avatar(session: Session, name: str) -> Sequence[str]:
+    """Ids of the jobs of avatar `name` that have not ended, oldest first."""
+    return session.scalars(
+        select(Job.id)
+        .where(Job.avatar == name, Job.state.in_(states.ACTIVE))
+        .order_by(Job.created_at)
+    ).all()
+
+
+def delete_job_rows(session: Session, job_id: str) -> int:
+    """A job's rows and every row that belongs to it (webhook attempts and deliveries,
+    chunks, segments): explicitly, not by trusting ON DELETE CASCADE. How many went; 0
+    when the job row was gone already (a concurrent delete committed first)."""
+    deliveries = select(WebhookDelivery.id).where(WebhookDelivery.job_id == job_id)
+    n = 0
+    for statement in (
+        delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(deliveries)),
+        delete(WebhookDelivery).where(WebhookDelivery.job_id == job_id),
+        delete(Chunk).where(Chunk.job_id == job_id),
+        delete(Segment).where(Segment.job_id == job_id),
+    ):
+        n += session.execute(statement.execution_options(synchronize_session=False)).rowcount
+    gone = session.execute(
+        delete(Job).where(Job.id == job_id).execution_options(synchronize_session=False)
+    )
+    return n + 1 if gone.rowcount == 1 else 0
+
+
+def delete_avatar_row(session: Session, name: str) -> int:
+    return session.execute(delete(Avatar).where(Avatar.name == name)).rowcount
+
+
+def record_deletion(
+    session: Session, kind: str, subject: str, command: str, rows: int, prefixes: Sequence[str]
+) -> int:
+    """The audit row of a deletion and one pending store deletion per prefix, in the
+    caller's transaction (the one that removes the rows). Returns the audit row's id."""
+    now = utcnow()
+    row = Deletion(
+        kind=kind,
+        subject=subject,
+        command=command,
+        rows=rows,
+        objects=0,
+        bytes=0,
+        pending=len(prefixes),
+        created_at=now,
+        finished_at=None if prefixes else now,
+    )
+    session.add(row)
+    session.flush()
+    session.add_all(
+        PendingDeletion(deletion_id=row.id, prefix=p, attempts=0, created_at=now, updated_at=now)
+        for p in prefixes
+    )
+    return row.id
+
+
+def pending_deletions(
+    session: Session, limit: int, deletion_id: int | None = None
+) -> Sequence[PendingDeletion]:
+    query = select(PendingDeletion).order_by(PendingDeletion.updated_at, PendingDeletion.id)
+    if deletion_id is not None:
+        query = query.where(PendingDeletion.deletion_id == deletion_id)
+    return session.scalars(query.limit(limit)).all()
+
+
+def finish_pending_deletion(session: Session, pending_id: int, objects: int, size: int) -> bool:
+    """The store deletion is done: drop its row and count it on its audit row. False if
+    another sweep finished it first (then nothing is counted twice)."""
+    deletion_id = session.scalar(
+        select(PendingDeletion.deletion_id).where(PendingDeletion.id == pending_id)
+    )
+    gone = session.execute(delete(PendingDeletion).where(PendingDeletion.id == pending_id))
+    if gone.rowcount != 1:
+        return False
+    if deletion_id is not None:
+        session.execute(
+            update(Deletion)
+            .where(Deletion.id == deletion_id)
+            .values(
+                objects=Deletion.objects + objects,
+                bytes=Deletion.bytes + size,
+                pending=Deletion.pending - 1,
+            )
+        )
+        session.execute(
+            update(Deletion)
+            .where(Deletion.id == deletion_id, Deletion.pending <= 0)
+            .values(finished_at=utcnow())
+        )
+    return True
+
+
+def note_pending_deletion_error(session: Session, pending_id: int, error: str) -> None:
+    session.execute(
+        update(PendingDeletion)
+        .where(PendingDeletion.id == pending_id)
+        .values(attempts=PendingDeletion.attempts + 1, last_error=error[:2000], updated_at=utcnow())
+    )
+
+
+def get_deletion(session: Session, deletion_id: int) -> Deletion:
+    row = session.get(Deletion, deletion_id)
+    if row is None:
+        raise NotFound(f"no deletion {deletion_id}")
+    return row
+
+
+def last_deletion(session: Session, kind: str, subject_prefix: str) -> Deletion | None:
+    """The latest deletion of a job (by a unique id prefix) or an avatar (by name), if
+    any; None for a prefix of several deleted jobs."""
+    match = (
+        Deletion.subject.startswith(subject_prefix, autoescape=True)
+        if kind == "job"
+        else Deletion.subject == subject_prefix
+    )
+    subjects = session.scalars(
+        select(Deletion.subject).where(Deletion.kind == kind, match).distinct().limit(2)
+    ).all()
+    if len(subjects) != 1:
+        return None
+    return session.scalar(
+        select(Deletion)
+        .where(Deletion.kind == kind, match)
+        .order_by(Deletion.created_at.desc(), Deletion.id.desc())
+        .limit(1)
+    )
+
+
+def expirable_jobs(session: Session, cutoff: datetime, limit: int) -> Sequence[Job]:
+    """Ended jobs that finished before `cutoff` and whose outputs are still kept."""
+    return session.scalars(
+        select(Job)
+        .where(
+            Job.state.in_(states.FINAL),
+            Job.finished_at < cutoff,
+            Job.expired_at.is_(None),
+        )
+        .order_by(Job.finished_at)
+        .limit(limit)
+    ).all()
+
+
+def mark_expired(session: Session, job_id: str, when: datetime) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.expired_at.is_(None))
+        .values(expired_at=when, bytes_stored=0, output_key=None)
+    )
+    return result.rowcount == 1
+
+
+def unmeasured_jobs(session: Session, limit: int) -> Sequence[Job]:
+    """Succeeded jobs whose stored bytes were never measured: publish did not get that
+    far (or the job is older than migration 0008). The sweep tidies and measures them."""
+    return session.scalars(
+        select(Job)
+        .where(
+            Job.state == states.SUCCEEDED,
+            Job.bytes_stored.is_(None),
+            Job.expired_at.is_(None),
+        )
+        .order_by(Job.finished_at)
+        .limit(limit)
+    ).all()
+
+
+def set_bytes_stored(session: Session, job_id: str, size: int) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.expired_at.is_(None)).values(bytes_stored=size)
+    )
+
+
+def set_chunk_device(session: Session, job_id: str, idx: int, device: str) -> None:
+    session.execute(
+        update(Chunk).where(Chunk.job_id == job_id, Chunk.idx == idx).values(device=device[:16])
+    )
+
+
+USAGE_GROUPS = ("day", "avatar", "batch", "worker")
+
+
+def _usage_key(session: Session, by: str | None) -> Any:
+    if by == "day":  # the UTC day: Postgres's date() of a timestamptz is the session's zone
+        postgres = session.get_bind().dialect.name == "postgresql"
+        return func.date(func.timezone("UTC", Job.created_at) if postgres else Job.created_at)
+    if by == "avatar":
+        return Job.avatar
+    if by == "batch":
+        return func.coalesce(Batch.name, "-")
+    return None
+
+
+def usage_jobs(
+    session: Session, since: datetime | None, by: str | None
+) -> list[tuple[str, str, int, float, int]]:
+    """(group, state, jobs, audio seconds, bytes stored) of the jobs created since
+    `since`, grouped by `by` (day, avatar, batch; None: one group, "all")."""
+    key = _usage_key(session, by)
+    group = key if key is not None else func.min("all")
+    query = select(
+        group,
+        Job.state,
+        func.count(),
+        func.coalesce(func.sum(Job.audio_seconds), 0.0),
+        func.coalesce(func.sum(Job.bytes_stored), 0),
+    ).group_by(*((key,) if key is not None else ()), Job.state)
+    if by == "batch":
+        query = query.outerjoin(Batch, Batch.id == Job.batch_id)
+    if since is not None:
+        query = query.where(Job.created_at >= since)
+    rows = session.execute(query).all()
+    return [(str(g), st, int(n), float(a), int(b)) for g, st, n, a, b in rows]
+
+
+def usage_chunks(
+    session: Session, since: datetime | None, by: str | None
+) -> list[tuple[str, str, int, float]]:
+    """(group, device, frames rendered, render seconds) of the done chunks of the jobs
+    created since `since`; `by` as usage_jobs, or worker. Chunks from before migration
+    0008 have the device "unknown"."""
+    key = Chunk.worker if by == "worker" else _usage_key(session, by)
+    group = key if key is not None else func.min("all")
+    device = func.coalesce(Chunk.device, "unknown")
+    query = (
+        select(
+            group,
+            device,
+            func.coalesce(func.sum(Chunk.stop_frame - Chunk.start_frame), 0),
+            func.coalesce(func.sum(Chunk.render_seconds), 0.0),
+        )
+        .join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.state == "done")
+        .group_by(*((key,) if key is not None else ()), device)
+    )
+    if by == "batch":
+        query = query.outerjoin(Batch, Batch.id == Job.batch_id)
+    if since is not None:
+        query = query.where(Job.created_at >= since)
+    rows = session.execute(query).all()
+    return [("-" if g is None else str(g), d, int(f), float(s)) for g, d, f, s in rows]
+
+
+def job_ids_of_avatar(session: Session, name: str) -> Sequence[str]:
+    return session.scalars(select(Job.id).where(Job.avatar == name).order_by(Job.created_at)).all()

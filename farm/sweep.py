@@ -11,7 +11,8 @@ queue (a job behind a long queue is waiting, not lost) and the job has shown no 
 of life for FARM_STALL_SECONDS: its row unchanged, no chunk started or finished, none
 still running within the visibility timeout (the broker redelivers those). It runs
 from beat every FARM_SWEEP_SECONDS, from the embedded runtime's supervisor, and on
-demand with `farm sweep`.
+demand with `farm sweep`. Each run ends with the retention pass (farm/retention.py):
+outputs past FARM_RETENTION_DAYS, intermediates publish left, store deletions pending.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from farm import batches, pipeline, queries
+from farm import batches, pipeline, queries, retention
 from farm.context import Context
 from farm.db import Job, utcnow
 from farm.pipeline import Stage
@@ -67,6 +68,9 @@ def run(ctx: Context) -> int:
     # A completed batch whose report task was lost is reported now.
     for batch_id in batches.unreported(ctx):
         ctx.dispatch.report_batch(batch_id)
+    # Retention (farm/retention.py): old outputs, intermediates publish left, store
+    # deletions an outage left pending; bounded per run.
+    retention.sweep(ctx)
     return len(stalled)
 
 

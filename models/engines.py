@@ -141,6 +141,24 @@ def cached_engine(path: Path, build: Callable[[], bytes], timeout: float = 3600.
     return path
 
 
+# Beside a per-avatar engine: the avatar's name (farm/retention.py reads it; the same
+# suffix there, as models import nothing of farm but its errors).
+OWNER_SUFFIX = ".owner"
+
+
+def note_owner(path: Path, owner: str | None) -> None:
+    """Record beside a per-avatar engine which avatar it was built for (a file of the
+    same name + ".owner"), so `farm avatar delete` finds it without torch."""
+    if owner is None or not path.exists():
+        return
+    marker = path.with_name(path.name + OWNER_SUFFIX)
+    try:
+        if not marker.exists() or marker.read_text(encoding="utf-8").strip() != owner:
+            marker.write_text(owner + "\n", encoding="utf-8")
+    except OSError as exc:  # the engine still works; only its cleanup is harder
+        log.warning("could not record the owner of engine %s: %s", path.name, exc)
+
+
 # --- building and running -----------------------------------------------------------
 
 

@@ -51,8 +51,17 @@ def load_avatar(ctx: Context, name: str, renderer_name: str) -> AvatarArtifact:
     if registered_for != renderer_name and source is not None:
         # A job on another backend than the avatar was registered for: prepare the
         # same photo for that backend, kept warm in this process only.
-        return _avatar_from_photo(ctx, renderer_name, source)
-    return _avatar_from_store(ctx, renderer_name, key)
+        return _owned(_avatar_from_photo(ctx, renderer_name, source), name)
+    return _owned(_avatar_from_store(ctx, renderer_name, key), name)
+
+
+def _owned(artifact: AvatarArtifact, name: str) -> AvatarArtifact:
+    """Tag the artifact with its avatar's name: a TensorRT engine built for it records
+    that name beside it (models/engines.py note_owner) for `farm avatar delete`."""
+    cache = getattr(artifact, "cache", None)
+    if isinstance(cache, dict):
+        cache.setdefault("owner", name)
+    return artifact
 
 
 @lru_cache(maxsize=4)

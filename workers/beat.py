@@ -1,5 +1,6 @@
-"""The beat schedule: the sweep for lost work (every FARM_SWEEP_SECONDS, farm/sweep.py),
-and the nightly batch when FARM_NIGHTLY_INBOX names an inbox.
+"""The beat schedule: the sweep for lost work (every FARM_SWEEP_SECONDS, farm/sweep.py;
+it also runs the retention pass, farm/retention.py), and the nightly batch when
+FARM_NIGHTLY_INBOX names an inbox.
 
 Beat must run as exactly one process (`celery -A workers.app beat`): two would fire
 every entry twice. The nightly task is idempotent, so a double firing submits nothing

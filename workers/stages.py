@@ -39,6 +39,7 @@ from farm import (
     output,
     pipeline,
     queries,
+    retention,
     states,
     webhooks,
 )
@@ -62,6 +63,7 @@ from models.timeline import assemble_audio
 from models.wav import read_wav, write_wav
 from workers import compose
 from workers.avatars import load_avatar, renderer_for
+from workers.voices import voice_for
 
 log = logging.getLogger("farm.render")
 
@@ -125,7 +127,8 @@ def speak(ctx: Context, job_id: str, idx: int) -> float:
     else:
         # A marked-up script's segment carries its rate and emphasis (farm/markup.py).
         words, rate, emphasis = markup.speech_of(text)
-        speech = tts.synthesize(words, voice, rate, emphasis)
+        # A registered voice's files come from the store (workers/voices.py).
+        speech = tts.synthesize(words, voice_for(ctx, voice), rate, emphasis)
     wav = io.BytesIO()
     write_wav(speech, wav)
     ctx.store.put_bytes(job_key(job_id, "audio", f"{idx:04d}.wav"), wav.getvalue())
@@ -328,6 +331,11 @@ def render_chunk(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
     if not done:
         try:
             seconds = _render_frames(ctx, job_id, idx, frames, avatar_name, renderer_name)
+            # The path it rendered on, read after the render (a failed engine falls back
+            # to cuda): `farm usage` sums render seconds per device kind.
+            device = getattr(renderer_for(ctx, renderer_name), "backend", "cpu")
+            with ctx.session() as s:
+                queries.set_chunk_device(s, job_id, idx, device)
         except Cancelled:
             with ctx.session() as s:
                 queries.stop_chunk(s, job_id, idx)
@@ -530,6 +538,12 @@ def publish(ctx: Context, job_id: str, bulk: bool = False) -> bool:
     key = final_key(ctx, job_id)
     if not ctx.store.exists(key):
         raise PermanentError(f"the final video {key} is missing from the store")
+    with ctx.session() as s:
+        publishing = queries.job_state(s, job_id) == states.PUBLISHING
+    if publishing:
+        # Intermediates go (unless FARM_KEEP_INTERMEDIATES) and the bytes are measured
+        # before the job reads succeeded: whoever sees it done sees the store as it stays.
+        retention.after_publish(ctx, job_id)
     with ctx.session() as s:
         job = queries.get_job(s, job_id)
         total = time.time() - job.created_at.timestamp()

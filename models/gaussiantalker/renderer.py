@@ -315,7 +315,7 @@ class GaussianTalkerRenderer:
         from models.gaussiantalker.export import TensorRTDeformation
 
         net, gs, features = self._network(avatar)
-        return TensorRTDeformation.for_network(
+        engine = TensorRTDeformation.for_network(
             net,
             gs,
             features,
@@ -324,6 +324,10 @@ class GaussianTalkerRenderer:
             batch=self.batch_size,
             cache=self.engine_dir or Path("engines"),
         )
+        from models.engines import note_owner
+
+        note_owner(engine.path, avatar.cache.get("owner"))  # workers/avatars.py
+        return engine
 
     def build_engines(self, avatars: Iterable[GaussianTalkerAvatar]) -> list[Path]:
         """Builds (or finds in the cache) the TensorRT engine of each loaded avatar, for

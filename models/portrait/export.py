@@ -170,7 +170,9 @@ class TensorRTBackend:
             onnx = onnx_bytes(renderer, avatar, size, batch)
             return engines.build_engine(onnx, profiles, "portrait network")
 
-        return cls(engines.Engine.cached(cache / name, build, renderer.device))
+        backend = cls(engines.Engine.cached(cache / name, build, renderer.device))
+        engines.note_owner(cache / name, avatar.cache.get("owner"))  # workers/avatars.py
+        return backend
 
     def __call__(self, track: torch.Tensor) -> torch.Tensor:
         return self.engine(**{INPUT: track.float()})[OUTPUT].to(torch.uint8)

@@ -22,13 +22,17 @@ from models.wav import SAMPLE_RATE, normalise_peak, resample, to_float, to_int16
 
 
 def synthesize(
-    text: str, rate: float = 1.0, words: list[tuple[float, int]] | None = None
+    text: str,
+    rate: float = 1.0,
+    words: list[tuple[float, int]] | None = None,
+    language: str | None = None,
 ) -> tuple[np.ndarray, list[Raw]]:
     """`text` spoken at SAMPLE_RATE as int16, and its timed phoneme events; `rate` times
     the voice's own speed. `words`, when given, receives each word's (start seconds,
-    0-based character index in `text`)."""
+    0-based character index in `text`). `language`: an espeak-ng voice name ("de");
+    None is the built-in voice's US English."""
     engine = _engine()
-    samples, events, word_events = engine.speak(text, rate)
+    samples, events, word_events = engine.speak(text, rate, language)
     if words is not None:
         words.extend((ms / 1000.0, max(pos - 1, 0)) for ms, pos in word_events)
     if samples.size == 0:
@@ -42,6 +46,11 @@ def phonemize(text: str) -> str:
     """IPA of `text` from espeak-ng's text-to-phoneme pass (no audio is synthesised):
     phones separated by "_", words by spaces, stress marks on their phone."""
     return _engine().phonemes(text)
+
+
+def has_voice(language: str) -> bool:
+    """Whether espeak-ng has a voice of that name ("de", "fr", "pt-br")."""
+    return _engine().has_voice(language)
 
 
 # --- timings ---------------------------------------------------------------------------------
@@ -191,28 +200,49 @@ class _Espeak:
         self._callback = _SYNTH_CALLBACK(self._on_synth)  # kept alive as long as the library
         lib.espeak_SetSynthCallback(self._callback)
 
+    def has_voice(self, language: str) -> bool:
+        with self._lock:
+            found = self._lib.espeak_SetVoiceByName(language.encode("utf-8")) == 0
+            self._lib.espeak_SetVoiceByName(_VOICE)
+            return found
+
     def speak(
-        self, text: str, rate: float = 1.0
+        self, text: str, rate: float = 1.0, language: str | None = None
     ) -> tuple[np.ndarray, list[tuple[str, int]], list[tuple[int, int]]]:
         """`text` as int16 at the library's rate, its (phoneme, milliseconds) events and
-        its (milliseconds, 1-based character position) word events."""
+        its (milliseconds, 1-based character position) word events; in `language` (an
+        espeak-ng voice name), else the default voice."""
         encoded = text.encode("utf-8")
         with self._lock:
-            self._audio, self._events, self._words = [], [], []
-            default = self._lib.espeak_GetParameter(_PARAMETER_RATE, 1)
+            if language is not None:
+                if self._lib.espeak_SetVoiceByName(language.encode("utf-8")) != 0:
+                    self._lib.espeak_SetVoiceByName(_VOICE)
+                    raise PermanentError(f"espeak-ng has no voice {language!r}")
+                try:
+                    return self._speak(encoded, rate)
+                finally:
+                    self._lib.espeak_SetVoiceByName(_VOICE)
+            return self._speak(encoded, rate)
+
+    def _speak(
+        self, encoded: bytes, rate: float
+    ) -> tuple[np.ndarray, list[tuple[str, int]], list[tuple[int, int]]]:
+        """One synthesis in the current voice; the caller holds the lock."""
+        self._audio, self._events, self._words = [], [], []
+        default = self._lib.espeak_GetParameter(_PARAMETER_RATE, 1)
+        if rate != 1.0:
+            self._lib.espeak_SetParameter(_PARAMETER_RATE, int(round(default * rate)), 0)
+        try:
+            status = self._lib.espeak_Synth(
+                encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+            )
+        finally:
             if rate != 1.0:
-                self._lib.espeak_SetParameter(_PARAMETER_RATE, int(round(default * rate)), 0)
-            try:
-                status = self._lib.espeak_Synth(
-                    encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
-                )
-            finally:
-                if rate != 1.0:
-                    self._lib.espeak_SetParameter(_PARAMETER_RATE, default, 0)
-            if status != 0:
-                raise PermanentError(f"espeak-ng synthesis failed (code {status})")
-            audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.int16)
-            return audio.astype(np.int16), list(self._events), list(self._words)
+                self._lib.espeak_SetParameter(_PARAMETER_RATE, default, 0)
+        if status != 0:
+            raise PermanentError(f"espeak-ng synthesis failed (code {status})")
+        audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.int16)
+        return audio.astype(np.int16), list(self._events), list(self._words)
 
     def phonemes(self, text: str) -> str:
         """IPA of `text` without synthesising it: phones separated by "_", words by " "."""

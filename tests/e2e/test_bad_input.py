@@ -754,6 +754,8 @@ def test_bad_manifests(env, monkeypatch, label, files, manifest, extra, settings
         (["webhooks", "redeliver", "msg_%"], "is not a webhook delivery id"),
         (["jobs", "--limit", "9" * 20], "is not in the range 1<=x<=100000"),
         (["jobs", "--limit", "0"], "is not in the range"),
+        (["jobs", "delete", "ab%"], "'ab%' is not a job id"),
+        (["usage", "--by", "planet"], "Invalid value for '--by'"),
     ],
 )
 def test_usage_errors_are_one_line_too(env, argv, message):
@@ -768,6 +770,9 @@ def test_usage_errors_are_one_line_too(env, argv, message):
         (["avatar", "show", "../x"], "invalid avatar name"),
         (["batch", "status", "a%b"], "invalid batch name"),
         (["batch", "report", "../x"], "invalid batch name"),
+        (["avatar", "delete", "../x"], "invalid avatar name"),
+        (["jobs", "delete", "--avatar", "../x"], "invalid avatar name"),
+        (["usage", "--since", "yesterday"], "invalid --since 'yesterday'"),
     ],
 )
 def test_names_are_checked_before_they_are_looked_up(env, argv, message):

@@ -227,6 +227,8 @@ def _env(tmp_path: Path, broker_url: str, database_url: str, secret: str, **extr
         FARM_NULL_FRAME_MS=FRAME_MS,
         FARM_WEBHOOK_SECRET=secret,
         FARM_WEBHOOK_ALLOWLIST="127.0.0.1",
+        # The checks count the chunk videos in the store after the job succeeded.
+        FARM_KEEP_INTERMEDIATES="1",
         **extra,
     )
 
