@@ -1330,6 +1330,68 @@ def worker(
     sys.exit(gpu.supervise(argvs, envs))
 
 
+_ANSWER_TIMEOUT = click.option(
+    "--timeout",
+    type=click.FloatRange(0.2, 60),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for the workers' answers.",
+)
+
+
+def _answering(timeout: float) -> tuple[Any, list[Any]]:
+    """The dispatcher and the workers that answer (farm/health.py). On the embedded
+    default the runtime is started if need be, and a fresh one is given time for its
+    workers to come up."""
+    from farm import embedded
+
+    ctx = make_context()
+    settings, dispatch = ctx.settings, ctx.dispatch
+    on_demand = isinstance(dispatch, _OnDemandDispatcher)
+    started = on_demand and settings.embedded and embedded.ensure_running(settings)
+    expected = len(embedded.Supervisor(settings).worker_specs()) if started else 0
+    deadline = time.monotonic() + (embedded.READY_TIMEOUT if started else 0)
+    while True:
+        reports = dispatch.worker_health(timeout)
+        if len(reports) >= max(expected, 1) or time.monotonic() > deadline:
+            break
+    if not reports:
+        raise RetryableError(f"no worker answered within {timeout:g} s")
+    return dispatch, reports
+
+
+@main.group(name="workers", invoke_without_command=True)
+@_ANSWER_TIMEOUT
+@click.pass_context
+@fail_cleanly
+def workers_group(click_ctx: click.Context, timeout: float) -> None:
+    """List the workers that answer: whether each takes render work, its failures in a
+    row, queues, GPU, render path, encoder and last error. A render worker leaves
+    rotation after FARM_WORKER_MAX_FAILURES failures in a row that are not the input's."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from farm import health
+
+    _, reports = _answering(timeout)
+    for line in health.table(reports):
+        click.echo("    " + one_line(line) if line.startswith(" ") else line)
+
+
+@workers_group.command(name="resume")
+@click.argument("name")
+@_ANSWER_TIMEOUT
+@fail_cleanly
+def workers_resume(name: str, timeout: float) -> None:
+    """Put worker NAME (render1@host, or render1) back in rotation: it consumes the
+    render queues again and its failure count starts from 0."""
+    dispatch, _ = _answering(timeout)
+    full, queues = dispatch.resume_worker(name, timeout)
+    if queues:
+        click.echo(f"{full} takes render work again ({', '.join(queues)})")
+    else:
+        click.echo(f"{full} was taking render work; its failure count starts from 0")
+
+
 @main.command()
 @click.option("--port", type=int, default=5555, show_default=True)
 @click.option(

@@ -71,6 +71,9 @@ class Settings:
     max_batch_jobs: int = 10_000  # rows of one manifest
     segment_pause_ms: int = 350
     task_max_retries: int = 3  # a renderer error (render chunks only), then the job fails
+    # A render worker whose chunks fail this many times in a row for reasons not the
+    # input's leaves rotation (farm/health.py); 0: never.
+    worker_max_failures: int = 3
     # An outage (the database, the store, any RetryableError) is not the job's fault: waits
     # of 1, 2, 4 ... s capped at outage_max_delay, jittered; 25 x <= 30 s is ~10 minutes.
     outage_retries: int = 25
@@ -269,6 +272,7 @@ _POSITIVE = (
 _NOT_NEGATIVE = (
     "segment_pause_ms",
     "task_max_retries",
+    "worker_max_failures",
     "outage_retries",
     "stall_seconds",
     "ditto_steps",

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from farm.errors import RetryableError
+from farm.errors import NotFound, RetryableError
+from farm.health import WorkerReport
 from farm.pipeline import Stage, task_id, task_ids
 
 NOTIFY_TASK = "farm.notify"
@@ -54,6 +55,12 @@ class Dispatcher(Protocol):
 
     def workers(self) -> set[str]:
         """The names of the workers that answer now."""
+
+    def worker_health(self, timeout: float) -> list[WorkerReport]:
+        """Every worker that answers within `timeout`, with its health (farm/health.py)."""
+
+    def resume_worker(self, name: str, timeout: float) -> tuple[str, list[str]]:
+        """Put a worker that left rotation back: its full name, the queues it takes again."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,12 @@ class InMemoryDispatcher:
 
     def workers(self) -> set[str]:
         return set()
+
+    def worker_health(self, timeout: float) -> list[WorkerReport]:
+        return []
+
+    def resume_worker(self, name: str, timeout: float) -> tuple[str, list[str]]:
+        raise NotFound(f"no worker named {name!r}: nothing runs these messages")
 
     def tasks(self) -> list[str]:
         """The task names queued, in order (for assertions)."""

@@ -156,7 +156,8 @@ def died(setting: str, codec: str, reason: str) -> FarmError:
     others = [c for c in candidates(setting, gpu_present()) if c != codec and c not in _broken]
     if others:
         return EncoderDied(f"{codec} failed ({reason}); the retry encodes with {others[0]}")
-    return PermanentError(f"{codec} failed: {reason}")
+    # An EncoderError: a PermanentError that is the worker's, not the input's (farm/health.py).
+    return EncoderError(f"{codec} failed: {reason}")
 
 
 def reset() -> None:

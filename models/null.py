@@ -3,7 +3,11 @@ farm's own overhead per chunk. Each frame is a flat grey whose level encodes the
 frame index, so a test can still check that every frame arrived, once, in order.
 
 FARM_NULL_FRAME_MS makes each frame take that long (a stand-in for GPU time);
-FARM_NULL_FAIL_FRAME=N makes rendering frame N raise, every time (a renderer bug)."""
+FARM_NULL_FAIL_FRAME=N makes rendering frame N raise, every time (a renderer bug);
+FARM_NULL_FAIL="message" makes every chunk raise RuntimeError(message) (a broken GPU
+host, e.g. "CUDA error: an illegal memory access was encountered"), and
+FARM_NULL_BAD_WIDTH=W makes every chunk of a W-pixel-wide job raise InvalidInput (an
+input error, checked first)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from farm.errors import InvalidInput
 from models.base import CHANNELS, FrameSink, Phone, Plan, RenderStats, Speech
 
 
@@ -39,6 +44,9 @@ class NullRenderer:
         self.frame_seconds = float(os.environ.get("FARM_NULL_FRAME_MS", "0")) / 1000
         fail = os.environ.get("FARM_NULL_FAIL_FRAME", "")
         self.fail_frame = int(fail) if fail else None
+        self.fail_every = os.environ.get("FARM_NULL_FAIL", "")
+        bad_width = os.environ.get("FARM_NULL_BAD_WIDTH", "")
+        self.bad_width = int(bad_width) if bad_width else None
 
     def load(self, model_dir: Path, device: str) -> None:
         self.device = "cpu"
@@ -66,6 +74,10 @@ class NullRenderer:
 
     def render(self, avatar: NullAvatar, plan: Plan, frames: range, sink: FrameSink) -> RenderStats:
         started = time.perf_counter()
+        if plan.width == self.bad_width:
+            raise InvalidInput(f"injected input error: width {plan.width}")
+        if self.fail_every:
+            raise RuntimeError(self.fail_every)
         for start in range(frames.start, frames.stop, self.batch_size):
             idx = range(start, min(start + self.batch_size, frames.stop))
             if self.fail_frame is not None and self.fail_frame in idx:

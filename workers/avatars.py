@@ -17,12 +17,13 @@ from farm.errors import NotFound
 from farm.stores import avatar_key
 from models.base import AvatarArtifact, Renderer
 from models.registry import get_renderer
+from workers import health
 
 
 def renderer_for(ctx: Context, name: str | None = None) -> Renderer:
     s = ctx.settings
     name = name or s.renderer
-    return get_renderer(
+    renderer = get_renderer(
         name,
         s.renderer_dir(name),
         s.device,
@@ -30,6 +31,8 @@ def renderer_for(ctx: Context, name: str | None = None) -> Renderer:
         s.render_threads,
         s.renderer_options(name),
     )
+    health.saw_renderer(renderer)  # its render path, for `farm workers`
+    return renderer
 
 
 @lru_cache(maxsize=8)

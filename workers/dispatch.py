@@ -22,6 +22,7 @@ from farm.dispatch import (
     SWEEP_TASK,
 )
 from farm.errors import BrokerUnavailable, FarmError, InvalidInput, RetryableError
+from farm.health import WorkerReport
 from farm.pipeline import Stage, task_id, task_ids
 from workers.app import BULK_QUEUES
 
@@ -114,3 +115,15 @@ class CeleryDispatcher:
         with _broker():
             replies: list[dict[str, Any]] = self.app.control.ping(timeout=1.0) or []
         return {name for reply in replies for name in reply}
+
+    def worker_health(self, timeout: float) -> list[WorkerReport]:
+        from workers import health
+
+        with _broker():
+            return health.survey(self.app, timeout)
+
+    def resume_worker(self, name: str, timeout: float) -> tuple[str, list[str]]:
+        from workers import health
+
+        with _broker():
+            return health.resume(self.app, name, timeout)

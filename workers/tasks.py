@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
 from farm import batches
@@ -28,6 +29,7 @@ from farm.dispatch import (
 )
 from farm.errors import BrokerUnavailable, Cancelled, PermanentError, RetryableError
 from farm.pipeline import MUX, PLAN, PREPARE, PUBLISH, RENDER, TTS
+from workers import health
 from workers.app import app, settings
 from workers.dispatch import CeleryDispatcher
 
@@ -124,21 +126,40 @@ def plan(job_id: str, bulk: bool = False) -> int:
 # FARM_TASK_MAX_RETRIES times, then the chunk and the job fail. Permanent errors and
 # cancels are not retried; outages are retried by FarmTask, with their own patience;
 # a broker outage (mux could not be queued) is left to the sweep: a retry would find
-# the chunk done.
+# the chunk done. A failure that is the worker's (farm/health.py) goes first to another
+# worker that can take it, without spending a retry (`failed_on`, `requeued`), and
+# counts toward taking this worker out of rotation (workers/health.py).
 @app.task(
     name=RENDER.task,
     base=FarmTask,
     bind=True,
+    Request="workers.health:RenderRequest",
     autoretry_for=(Exception,),
-    dont_autoretry_for=(PermanentError, Cancelled, *BROKER_DOWN, *OUTAGES),
+    dont_autoretry_for=(PermanentError, Cancelled, Reject, *BROKER_DOWN, *OUTAGES),
     max_retries=settings.task_max_retries,
     retry_backoff=1,
 )
 def render(
-    self: Task, job_id: str, idx: int, start: int = 0, stop: int = 0, bulk: bool = False
+    self: Task,
+    job_id: str,
+    idx: int,
+    start: int = 0,
+    stop: int = 0,
+    bulk: bool = False,
+    failed_on: list[str] | None = None,
+    requeued: int = 0,
 ) -> bool:
+    health.hand_back_if_out()
     worker = self.request.hostname or "?"
-    return _stage(RENDER.task, job_id, idx, start, stop, bulk=bulk, worker=worker)
+    try:
+        last = _stage(RENDER.task, job_id, idx, start, stop, bulk=bulk, worker=worker)
+    except Exception as exc:
+        elsewhere = health.requeue_elsewhere(self, exc)
+        if elsewhere is not None:
+            raise elsewhere from exc
+        raise
+    health.succeeded()
+    return last
 
 
 @app.task(name=MUX.task, base=FarmTask)
