@@ -54,9 +54,11 @@ def batch_key(name: str, *parts: str) -> str:
     return "/".join(("batches", name, *parts))
 
 
-def output_key(name: str, output: str) -> str:
-    """Where a row's video is published in the store."""
-    return batch_key(name, "outputs", output)
+def output_key(name: str, output: str, draft: bool = False) -> str:
+    """Where a row's video is published in the store: batches/NAME/outputs/OUTPUT, or
+    batches/NAME/drafts/OUTPUT for a draft, so a batch can be drafted, reviewed and then
+    rendered for real under one name without the final run clashing with its draft."""
+    return batch_key(name, "drafts" if draft else "outputs", output)
 
 
 def report_key(name: str) -> str:
@@ -126,12 +128,14 @@ def check(
         targets = queries.batch_targets(s, batch.id) if batch is not None else {}
     key_scope = scope or name
 
-    earlier = manifest.OutputKeys()
+    earlier = {draft: manifest.OutputKeys() for draft in (False, True)}
     for target in targets:
-        earlier.add(target.removeprefix(output_key(name, "")), "a row submitted earlier")
+        for draft, keys in earlier.items():
+            if target.startswith(area := output_key(name, "", draft)):
+                keys.add(target.removeprefix(area), "a row submitted earlier")
 
     def taken(row: Row) -> str | None:
-        holder = targets.get(output_key(name, row.output))
+        holder = targets.get(output_key(name, row.output, row.spec.draft))
         if holder is not None:
             if holder == manifest.row_key(key_scope, row, options.key_parts()):
                 return None  # this very row, submitted again
@@ -139,7 +143,7 @@ def check(
                 f"output key {row.output!r} already belongs to a different row submitted "
                 f"earlier to batch {name}"
             )
-        return earlier.clash(row.output)
+        return earlier[row.spec.draft].clash(row.output)
 
     def check_script(text: str) -> None:
         padding = sum(jobs.padding(False))
@@ -293,7 +297,7 @@ def _insert_rows(
                 idempotency_key=key,
                 batch_id=batch.id,
                 batch_row=row.where,
-                target_key=output_key(name, row.output),
+                target_key=output_key(name, row.output, row.spec.draft),
             )
             # A background file goes to jobs/{id}/background{ext} (removed again below
             # if this transaction does not commit).
@@ -470,13 +474,15 @@ def _iso(when: datetime | None) -> str | None:
 
 
 def _job_entry(ctx: Context, name: str, job: Job) -> dict[str, Any]:
-    prefix = output_key(name, "")
+    target = job.target_key or ""
+    # "x.mp4" for a final render's output, "drafts/x.mp4" for a draft's
+    shown = target.removeprefix(output_key(name, "")).removeprefix(batch_key(name, ""))
     duration = None
     if job.finished_at is not None:
         duration = round((job.finished_at - job.created_at).total_seconds(), 3)
     return {
         "row": job.batch_row,
-        "output": (job.target_key or "").removeprefix(prefix) or None,
+        "output": shown or None,
         "job_id": job.id,
         "state": job.state,
         "output_url": ctx.store.url(job.output_key) if job.output_key else None,

@@ -151,7 +151,11 @@ def mark_broken(codec: str, reason: str) -> None:
 def died(setting: str, codec: str, reason: str) -> FarmError:
     """The error for an encode that `codec` failed mid-run. The codec is marked broken;
     when `setting` leaves another candidate, the error is retryable (the retry takes
-    it), else permanent, so a broken encoder is never retried forever."""
+    it), else permanent, so a broken encoder is never retried forever. A format's own
+    encoder (FFV1 for alpha chunks, VP9, ProRes) has no other to fall back to: permanent,
+    and nothing is marked."""
+    if codec not in ENCODERS:
+        return EncoderError(f"{codec} failed: {reason}")
     mark_broken(codec, reason)
     others = [c for c in candidates(setting, gpu_present()) if c != codec and c not in _broken]
     if others:

@@ -34,3 +34,21 @@ def run_stages(ctx: Context, until: Stage | None = None) -> list[Message]:
 
 def _next_stage(dispatcher: InMemoryDispatcher, run: dict[str, Any]) -> Message | None:
     return next((m for m in dispatcher.messages if m.task in run), None)
+
+
+def rendered_job(ctx: Context, request: Any) -> Any:
+    """Submit `request` (a jobs.JobRequest), run every stage, and return the job's row,
+    which must have succeeded."""
+    from farm import jobs, queries, states
+
+    job_id = jobs.submit(ctx, request)
+    run_stages(ctx)
+    with ctx.session() as s:
+        job = queries.get_job(s, job_id)
+    assert job.state == states.SUCCEEDED, job.error
+    return job
+
+
+def stored(ctx: Context, key: str) -> Any:
+    """The file behind a store key of the local store (FARM_HOME/artifacts)."""
+    return ctx.settings.home / "artifacts" / key

@@ -464,8 +464,6 @@ def join(ctx: Context, job_id: str) -> None:
         try:
             join_and_encode(parts, audio, out, fmt)
         except EncodeFailed as exc:
-            if fmt.codec not in encoders.ENCODERS:  # VP9, ProRes: no other to fall back to
-                raise PermanentError(f"{spec.format}: {exc}") from exc
             raise encoders.died(setting, fmt.codec, str(exc)) from exc
         frames = count_frames(out)
         if frames != expected:

@@ -6,7 +6,6 @@ the batch report point, what `--captions burn` draws, and bad input refused."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from farm.errors import InvalidInput
 from farm.output import OutputSpec
 from farm.stores import job_key
 from tests.conftest import job_rows
-from tests.pipeline import run_stages
+from tests.pipeline import rendered_job, run_stages, stored
 from tests.probe import probe
 from workers import stages
 
@@ -45,16 +44,7 @@ def request(**changes: object) -> jobs.JobRequest:
 
 
 def run(ctx: Context, **changes: object):
-    job_id = jobs.submit(ctx, request(**changes))
-    run_stages(ctx)
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-    assert job.state == states.SUCCEEDED, job.error
-    return job
-
-
-def stored(ctx: Context, key: str) -> Path:
-    return ctx.settings.home / "artifacts" / key
+    return rendered_job(ctx, request(**changes))
 
 
 @pytest.mark.parametrize("db_ctx", ["sqlite"], indirect=True)

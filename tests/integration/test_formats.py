@@ -5,6 +5,7 @@ ffmpeg's own command line or PyAV (tests/probe.py), not by farm's bookkeeping.""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -23,7 +24,7 @@ from farm.media import FrameEncoder, VideoFormat, decode_argv, ffmpeg_exe, join_
 from farm.output import OutputSpec, build
 from farm.stores import job_key
 from tests.conftest import job_rows
-from tests.pipeline import run_stages
+from tests.pipeline import rendered_job, run_stages, stored
 from tests.probe import probe
 
 SCRIPT = "Hello there, one short line."
@@ -75,16 +76,7 @@ def request(spec: OutputSpec | None = None, **changes: object) -> jobs.JobReques
 
 
 def run(ctx: Context, spec: OutputSpec | None = None, **changes: object):
-    job_id = jobs.submit(ctx, request(spec, **changes))
-    run_stages(ctx)
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-    assert job.state == states.SUCCEEDED, job.error
-    return job
-
-
-def stored(ctx: Context, key: str) -> Path:
-    return ctx.settings.home / "artifacts" / key
+    return rendered_job(ctx, request(spec, **changes))
 
 
 # --- the media layer: RGBA chunks, alpha delivered --------------------------------------
@@ -261,6 +253,43 @@ def test_a_batch_with_mixed_formats_then_its_draft(db_ctx: Context, tmp_path: Pa
     )
     checked = batches.load(db_ctx, "mixed-draft", folder / "rows.csv", drafts)
     assert len(batches.submit(db_ctx, "mixed-draft", checked, drafts).created) == 4
+
+
+@pytest.mark.parametrize("db_ctx", ["sqlite"], indirect=True)
+def test_a_batch_is_drafted_reviewed_and_rendered_for_real_under_one_name(
+    db_ctx: Context, tmp_path: Path
+):
+    (tmp_path / "rows.csv").write_text(
+        'text,output\n"A first line.",one.mp4\n"A second.",two.mp4\n'
+    )
+    final = batches.Options(fps=FPS, size=(96, 64), chunk_frames=10, seed=1)
+    draft = dataclasses.replace(final, defaults=Defaults(spec=build(draft=True)))
+
+    def submit(options: batches.Options) -> list[str]:
+        checked = batches.load(db_ctx, "launch", tmp_path / "rows.csv", options)
+        assert not checked.problems, checked.problems
+        return batches.submit(db_ctx, "launch", checked, options).created
+
+    drafted = submit(draft)
+    run_stages(db_ctx)
+    assert len(drafted) == 2 and submit(draft) == []  # a draft again: nothing new
+    real = submit(final)  # the same rows for real: new jobs, their own outputs
+    run_stages(db_ctx)
+    assert len(real) == 2 and submit(final) == []
+    report = {(e["output"], e["state"]) for e in batches.report(db_ctx, "launch")["jobs"]}
+    assert report == {
+        ("drafts/one.mp4", "succeeded"),
+        ("drafts/two.mp4", "succeeded"),
+        ("one.mp4", "succeeded"),
+        ("two.mp4", "succeeded"),
+    }
+    sizes = {}
+    for job_id in drafted + real:
+        with db_ctx.session() as s:
+            job = queries.get_job(s, job_id)
+        sizes[job.output_key] = probe(stored(db_ctx, job.output_key))
+    assert {(p.width, p.height) for k, p in sizes.items() if "/drafts/" in k} == {(48, 32)}
+    assert {(p.width, p.height) for k, p in sizes.items() if "/outputs/" in k} == {(96, 64)}
 
 
 # --- refused at submission, nothing left behind ---------------------------------------

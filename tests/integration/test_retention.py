@@ -24,7 +24,7 @@ from farm.dispatch import InMemoryDispatcher
 from farm.errors import InvalidInput, NotFound
 from farm.stores import job_key
 from tests.faultproxy import FaultProxy
-from tests.pipeline import run_stages
+from tests.pipeline import rendered_job, run_stages
 from tests.services import aws_test_env, moto_s3
 
 # Every table that holds rows of a job, and the column naming the job.
@@ -48,12 +48,7 @@ def with_settings(ctx: Context, **changes: object) -> Context:
 
 
 def rendered(ctx: Context, script: str = "Hello there.") -> str:
-    job_id = jobs.submit(ctx, request(script))
-    run_stages(ctx)
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-    assert job.state == states.SUCCEEDED, job.error
-    return job_id
+    return rendered_job(ctx, request(script)).id
 
 
 def add_delivery(ctx: Context, job_id: str) -> str:

@@ -119,3 +119,11 @@ def test_a_job_chunk_encoded_by_the_fake_working_nvenc_decodes(machine, tmp_path
     enc.write(np.full((10, 64, 64, 3), 90, np.uint8))
     enc.close()
     assert (tmp_path / "c.mp4").stat().st_size > 0
+
+
+def test_a_formats_own_encoder_failing_is_permanent_and_marks_no_h264_encoder_broken():
+    encoders.reset()
+    for codec in ("ffv1", "libvpx-vp9", "prores_ks"):
+        error = encoders.died("auto", codec, "it died")
+        assert isinstance(error, encoders.EncoderError) and codec in str(error)
+    assert encoders._broken == {}  # the H.264 choice is untouched
