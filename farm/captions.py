@@ -22,7 +22,7 @@ The rules, all here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,11 +308,16 @@ def to_vtt(cues: Sequence[Cue]) -> str:
 
 # The style of burnt-in captions, relative to the video's height so a 512 and a 1080
 # video look alike: DejaVu Sans (farm.media.caption_font), white, a black outline and a
-# soft shadow, centred at the bottom.
+# soft shadow, centred at the bottom. The size is smaller where the job's widest line
+# would not fit between the side margins (a 9:16 video is narrow for its height).
 FONT_NAME = "DejaVu Sans"
 FONT_SIZE_OF_HEIGHT = 0.055  # font size (pixels) per pixel of video height
 OUTLINE_OF_HEIGHT = 0.004  # outline width, likewise (at least 1 px)
 MARGIN_OF_HEIGHT = 0.06  # bottom margin, likewise
+SIDE_OF_WIDTH = 0.05  # the side margins, per pixel of video width
+# A line's width in ems when no font is at hand to measure it: DejaVu Sans averages
+# about 0.52 em a character in mixed text; this bound holds for all but runs of capitals.
+EM_PER_CHAR = 0.62
 
 
 def _ass_clock(seconds: float) -> str:
@@ -328,13 +333,21 @@ def _ass_text(line: str) -> str:
     return line.replace("\\", "/").replace("{", "(").replace("}", ")")
 
 
-def to_ass(cues: Sequence[Cue], width: int, height: int) -> str:
+def to_ass(
+    cues: Sequence[Cue], width: int, height: int, ems: Callable[[str], float] | None = None
+) -> str:
     """The cues as an ASS script whose coordinates are the video's pixels (PlayRes), in
-    the style above."""
-    size = max(8, round(height * FONT_SIZE_OF_HEIGHT))
+    the style above. `ems(line)`: a line's width in ems in the caption font
+    (farm.media.caption_ems), else estimated at EM_PER_CHAR a character."""
+    side = round(width * SIDE_OF_WIDTH)
+    measure = ems or (lambda line: len(line) * EM_PER_CHAR)
+    widest = max((measure(ln) for c in cues for ln in c.lines), default=0.0)
+    size = height * FONT_SIZE_OF_HEIGHT
+    if widest > 0:
+        size = min(size, (width - 2 * side) / widest)
+    size = max(8, int(size))
     outline = max(1, round(height * OUTLINE_OF_HEIGHT))
     margin = round(height * MARGIN_OF_HEIGHT)
-    side = round(width * 0.05)
     header = (
         "[Script Info]\nScriptType: v4.00+\n"
         f"PlayResX: {width}\nPlayResY: {height}\nWrapStyle: 2\nScaledBorderAndShadow: yes\n\n"

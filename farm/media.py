@@ -413,6 +413,19 @@ def caption_font() -> str:
     raise PermanentError(f"no {CAPTION_FONT_FILE} found for burnt-in captions (looked in {dirs})")
 
 
+@cache
+def _caption_face() -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(caption_font()) / CAPTION_FONT_FILE), 100)
+
+
+def caption_ems(line: str) -> float:
+    """A caption line's advance width in ems, measured in the burnt-in captions' font
+    (for farm.captions.to_ass to size the captions so the widest line fits)."""
+    return float(_caption_face().getlength(line)) / 100.0
+
+
 def poster_argv(exe: str, video: Path, seconds: float, out: Path) -> list[str]:
     """One frame at `seconds` (seeking decodes up to it: frame-exact) as a JPEG."""
     return _quiet(

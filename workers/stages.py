@@ -49,6 +49,7 @@ from farm.media import (
     EncodeFailed,
     FrameEncoder,
     VideoFormat,
+    caption_ems,
     caption_font,
     count_frames,
     join_and_encode,
@@ -458,7 +459,8 @@ def join(ctx: Context, job_id: str) -> None:
         cues = _captions(ctx, job_id, delivery, expected / fmt.fps)
         if cues and delivery and delivery.get("captions") == "burn":
             ass = work / "captions.ass"
-            ass.write_text(captions.to_ass(cues, fmt.width, fmt.height), encoding="utf-8")
+            script = captions.to_ass(cues, fmt.width, fmt.height, caption_ems)
+            ass.write_text(script, encoding="utf-8")
             fmt = dataclasses.replace(fmt, subtitles=str(ass), fontsdir=caption_font())
         out = work / ("final" + spec.suffix)
         try:

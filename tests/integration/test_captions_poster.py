@@ -14,7 +14,7 @@ import webvtt
 from click.testing import CliRunner
 from PIL import Image
 
-from farm import batches, extras, jobs, pipeline, queries, states, webhooks
+from farm import batches, captions, extras, jobs, pipeline, queries, states, webhooks
 from farm.context import Context
 from farm.errors import InvalidInput
 from farm.output import OutputSpec
@@ -129,6 +129,22 @@ def test_burnt_captions_draw_at_the_bottom_only_while_a_cue_shows(db_ctx: Contex
     assert (bottom[shown].max(axis=1) > 100).all()  # white text on grey, in every frame
     assert top.max() <= 8  # the face area is untouched (codec noise only)
     assert bottom[~shown & ~edges].max() <= 8  # no cue shown: the same picture
+
+
+@pytest.mark.parametrize("db_ctx", ["sqlite"], indirect=True)
+def test_burnt_captions_fit_the_width_of_a_tall_video(db_ctx: Context):
+    # 180x320 (9:16): at 5.5% of the height the longest line would be about twice as wide
+    # as the frame; the size follows the widest line, so the side margins stay clear
+    plain = run(db_ctx, size=(180, 320), captions="off")
+    burnt = run(db_ctx, size=(180, 320), captions="burn")
+    a = probe(stored(db_ctx, plain.output_key)).frames.astype(np.int16)
+    b = probe(stored(db_ctx, burnt.output_key)).frames.astype(np.int16)
+    diff = np.abs(a - b).max(axis=3)  # (frames, h, w)
+    drawn = diff > 100
+    assert drawn[:, int(320 * 0.6) :].any(axis=(1, 2)).sum() > 10  # captions were drawn
+    columns = np.flatnonzero(drawn.any(axis=(0, 1)))
+    side = round(180 * captions.SIDE_OF_WIDTH)
+    assert columns.min() >= side - 2 and columns.max() <= 180 - side + 1, columns
 
 
 @pytest.mark.parametrize("db_ctx", ["sqlite"], indirect=True)

@@ -163,3 +163,23 @@ def test_words_from_phones_follow_the_clauses_and_pauses():
     assert words[-1].end == pytest.approx(3.1)
     assert all(a.end <= b.start + 1e-9 for a, b in zip(words, words[1:], strict=False))
     assert words_from_phones("", p) == [] and words_from_phones("Hi", [Phone("_", 0, 1)]) == []
+
+
+def test_burnt_captions_are_sized_so_the_widest_line_fits_between_the_margins():
+    from farm.media import caption_ems
+
+    line = "Our new product ships today, and here is"
+    cues = [Cue(0.0, 2.0, (line, "what it does for you."))]
+
+    def size(ass: str) -> int:
+        style = next(ln for ln in ass.splitlines() if ln.startswith("Style: Default"))
+        return int(style.split(",")[2])
+
+    wide = size(captions.to_ass(cues, 1920, 1080, caption_ems))
+    tall = size(captions.to_ass(cues, 1080, 1920, caption_ems))
+    assert wide == round(1080 * captions.FONT_SIZE_OF_HEIGHT)  # fits: the height decides
+    side = round(1080 * captions.SIDE_OF_WIDTH)
+    assert tall * caption_ems(line) <= 1080 - 2 * side  # the width decides
+    assert tall * caption_ems(line) > 0.9 * (1080 - 2 * side)  # and not much smaller
+    estimated = size(captions.to_ass(cues, 1080, 1920))  # no font at hand: an upper bound
+    assert estimated * caption_ems(line) <= 1080 - 2 * side
