@@ -235,78 +235,70 @@ def _insert(
     invalid: list[dict[str, Any]],
 ) -> tuple[str | None, list[str]]:
     created: list[str] = []
-    uploaded: list[str] = []
+    uploaded: list[str] = []  # jobs whose background file went to jobs/{id}/
     try:
-        return _insert_rows(ctx, name, keyed, options, source, webhook, invalid, created, uploaded)
+        with ctx.session() as s:
+            batch = queries.get_batch_by_name(s, name)
+            existing = queries.existing_idempotency_keys(s, [k for k, _ in keyed])
+            new = [(k, r) for k, r in keyed if k not in existing]
+            if not new:
+                # Nothing new: a batch that does not exist is not made (it would never end).
+                if batch is not None:
+                    queries.set_batch_invalid(s, batch.id, invalid)
+                return (batch.id if batch is not None else None), created
+            if batch is None:
+                batch = queries.insert_batch(
+                    s,
+                    id=uuid.uuid4().hex,
+                    name=name,
+                    state=RUNNING,
+                    source=source or None,
+                    webhook_url=webhook,
+                    invalid=invalid,
+                )
+            queries.reopen_batch(s, batch.id, invalid)  # first: it locks the batch row
+            for key, row in new:
+                job = _job_row(ctx, s, name, batch.id, key, row, options)
+                if row.spec.background is not None and row.spec.background.path:
+                    uploaded.append(job["id"])
+                # A background file goes to jobs/{id}/background{ext}; the row keeps its key.
+                job["delivery"] = output.upload_background(ctx.store, job["id"], row.spec).to_json()
+                queries.insert_job(s, **job)
+                created.append(job["id"])
+            return batch.id, created
     except BaseException:
-        for key in uploaded:  # the jobs were never accepted: nothing of theirs stays
-            ctx.store.delete_prefix(key)
+        for job_id in uploaded:  # the jobs were never accepted: their files go too
+            ctx.store.delete_prefix(job_key(job_id))
         raise
 
 
-def _insert_rows(
-    ctx: Context,
-    name: str,
-    keyed: list[tuple[str, Row]],
-    options: Options,
-    source: str,
-    webhook: str | None,
-    invalid: list[dict[str, Any]],
-    created: list[str],
-    uploaded: list[str],
-) -> tuple[str | None, list[str]]:
-    with ctx.session() as s:
-        batch = queries.get_batch_by_name(s, name)
-        existing = queries.existing_idempotency_keys(s, [k for k, _ in keyed])
-        new = [(k, r) for k, r in keyed if k not in existing]
-        if not new:
-            # Nothing new: a batch that does not exist is not made (it would never end).
-            if batch is not None:
-                queries.set_batch_invalid(s, batch.id, invalid)
-            return (batch.id if batch is not None else None), created
-        if batch is None:
-            batch = queries.insert_batch(
-                s,
-                id=uuid.uuid4().hex,
-                name=name,
-                state=RUNNING,
-                source=source or None,
-                webhook_url=webhook,
-                invalid=invalid,
-            )
-        queries.reopen_batch(s, batch.id, invalid)  # first: it locks the batch row
-        for key, row in new:
-            request = jobs.JobRequest(
-                script=row.script,
-                avatar=row.avatar,
-                voice=row.voice,
-                fps=options.fps,
-                size=options.size,
-                chunk_frames=options.chunk_frames,
-                # Derived from the key, so the same row renders the same motion again.
-                seed=options.seed if options.seed is not None else int(key[3:11], 16) % 2**31,
-                priority=BULK_PRIORITY,
-                output=row.spec,
-            )
-            avatar = queries.get_avatar(s, row.avatar)
-            job = jobs.new_row(
-                ctx,
-                request,
-                row.webhook,
-                avatar.renderer if avatar else None,
-                idempotency_key=key,
-                batch_id=batch.id,
-                batch_row=row.where,
-                target_key=output_key(name, row.output, row.spec.draft),
-            )
-            # A background file goes to jobs/{id}/background{ext} (removed again below
-            # if this transaction does not commit).
-            spec = output.upload_background(ctx.store, job["id"], row.spec)
-            uploaded += output.uploaded_keys(spec)
-            job["delivery"] = spec.to_json()
-            queries.insert_job(s, **job)
-            created.append(job["id"])
-        return batch.id, created
+def _job_row(
+    ctx: Context, s: Any, name: str, batch_id: str, key: str, row: Row, options: Options
+) -> dict[str, Any]:
+    """The job row of one manifest row (jobs.new_row, as `farm submit` builds it)."""
+    request = jobs.JobRequest(
+        script=row.script,
+        avatar=row.avatar,
+        voice=row.voice,
+        fps=options.fps,
+        size=options.size,
+        chunk_frames=options.chunk_frames,
+        # Derived from the key, so the same row renders the same motion again.
+        seed=options.seed if options.seed is not None else int(key[3:11], 16) % 2**31,
+        priority=BULK_PRIORITY,
+        output=row.spec,
+    )
+    avatar = queries.get_avatar(s, row.avatar)
+    return jobs.new_row(
+        ctx,
+        request,
+        row.webhook,
+        avatar.renderer if avatar else None,
+        idempotency_key=key,
+        batch_id=batch_id,
+        batch_row=row.where,
+        target_key=output_key(name, row.output, row.spec.draft),
+    )
 
 
 def _forget(ctx: Context, batch_id: str | None, job_ids: list[str]) -> None:

@@ -48,11 +48,7 @@ def check_delivery(captions: str, poster_at: float | None, audio_wav: bytes | No
     if not math.isfinite(poster_at) or poster_at < 0:
         raise InvalidInput(f"--poster-at must be a time in seconds from 0, got {poster_at}")
     if audio_wav is not None:
-        seconds = wav_seconds(audio_wav)
-        if poster_at >= seconds:
-            raise InvalidInput(
-                f"--poster-at {poster_at:g} s is beyond the video ({seconds:.2f} s long)"
-            )
+        check_poster_at(poster_at, wav_seconds(audio_wav))
 
 
 def wav_seconds(data: bytes) -> float:
@@ -110,9 +106,6 @@ def artifact_keys(job: Any) -> dict[str, str]:
     return keys
 
 
-URL_FIELDS: tuple[str, ...] = ("captions_srt_url", "captions_vtt_url", "poster_url", "preview_url")
-
-
 def artifact_urls(job: Any, url: Any) -> dict[str, str | None]:
     """`{captions_srt_url, captions_vtt_url, poster_url, preview_url}`, each None when
     the job has no such artifact; `url(key)` makes one URL (as the output's is made)."""
@@ -121,3 +114,4 @@ def artifact_urls(job: Any, url: Any) -> dict[str, str | None]:
 
 
 _NAMES = ("captions_srt", "captions_vtt", "poster", "preview")
+URL_FIELDS: tuple[str, ...] = tuple(f"{name}_url" for name in _NAMES)

@@ -109,7 +109,9 @@ def validate(ctx: Context, req: JobRequest) -> Validated:
             f"unknown renderer {req.renderer!r}; choose one of {', '.join(renderer_names())}"
         )
     check_avatar_name(req.avatar)
-    if req.voice not in VOICES and not _registered_voice(ctx, req.voice):
+    from farm import voices
+
+    if not voices.is_known(ctx, req.voice):
         raise InvalidInput(
             f"unknown voice {req.voice!r}; choose one of {', '.join(VOICES)} "
             "or a voice added with 'farm voice add'"
@@ -209,12 +211,6 @@ def check_options(renderer: str, options: dict[str, int] | None) -> None:
             raise InvalidInput(f"{renderer} {name} must be within {low}..{high}, got {value}")
 
 
-def _registered_voice(ctx: Context, name: str) -> bool:
-    from farm import voices
-
-    return voices.is_known(ctx, name)
-
-
 def _own(avatar: str, registered_for: str | None) -> str | None:
     # A built-in avatar registers on first use with whatever renderer that job had:
     # that is no choice of the user's, so its jobs keep the configured renderer.
@@ -239,21 +235,18 @@ def submit(ctx: Context, req: JobRequest, idempotency_key: str | None = None) ->
     check_options(row["renderer"], req.options)
     check_whole_photo(row["renderer"], req.output)
     job_id = row["id"]
-    uploaded: list[str] = []
     try:
         if req.audio_wav is not None:
             row["audio_key"] = job_key(job_id, INPUT_AUDIO)
-            uploaded.append(row["audio_key"])
             ctx.store.put_bytes(row["audio_key"], req.audio_wav)
         # A background file goes to jobs/{id}/background{ext}; the row keeps its key.
         spec = output.upload_background(ctx.store, job_id, req.output)
-        uploaded += output.uploaded_keys(spec)
         row["delivery"] = spec.to_json()
         with ctx.session() as s:
             queries.insert_job(s, **row)
     except BaseException:
-        for key in uploaded:  # nothing of a job that was never accepted stays behind
-            ctx.store.delete_prefix(key)
+        # Nothing of a job that was never accepted stays: all it uploaded is in jobs/{id}/.
+        ctx.store.delete_prefix(job_key(job_id))
         raise
     try:
         ctx.dispatch.enqueue(pipeline.PREPARE, job_id)

@@ -34,7 +34,6 @@ ANCHORS: dict[str, tuple[float, float]] = {
     "16:9": (0.5, 0.40),
     "1:1": (0.5, 0.50),  # square: centred
 }
-RATIOS = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0, "4:5": 4 / 5}
 # cover: at most this much beyond filling the canvas, to place the face. Only the tall
 # formats, whose convention is the head high up; 16:9 and 1:1 keep the whole fill.
 MAX_ZOOM: dict[str, float] = {"9:16": 1.5, "4:5": 1.25, "16:9": 1.0, "1:1": 1.0}
@@ -94,8 +93,10 @@ def aspect_of(size: tuple[int, int], aspect: str | None = None) -> str:
         if aspect not in ANCHORS:
             raise ValueError(f"unknown aspect {aspect!r}")
         return aspect
-    ratio = size[0] / size[1]
-    return min(RATIOS, key=lambda name: abs(math.log(ratio / RATIOS[name])))
+    from farm.output import ASPECTS, ratio
+
+    own = size[0] / size[1]
+    return min(ASPECTS, key=lambda name: abs(math.log(own / ratio(name))))
 
 
 def compute(

@@ -356,10 +356,11 @@ def check_row(
     max_chars: int,
     check_job: CheckJob,
     check_script: CheckScript = _any_script,
-    seen: dict[str, templates.Template | str] | None = None,
+    seen: dict[str, Any] | None = None,
 ) -> Row:
     """One row to a Row, or InvalidInput with the first thing wrong with it. `seen`:
-    template files read so far (or why they could not be), shared by a manifest's rows."""
+    template and background files read so far (or why they could not be), shared by a
+    manifest's rows."""
     if "_error" in raw.values:
         raise InvalidInput(raw.values["_error"])
     body, source = _script_of(raw, base, defaults, max_chars, {} if seen is None else seen)
@@ -367,7 +368,7 @@ def check_row(
     avatar = _string(raw.values, "avatar") or defaults.avatar
     voice = _string(raw.values, "voice") or defaults.voice
     webhook = check_job(avatar, voice, _string(raw.values, "webhook") or defaults.webhook)
-    spec = row_spec(raw.values, base, defaults)
+    spec = row_spec(raw.values, base, defaults, seen)
     output = _string(raw.values, "output") or default_output(source, body, spec.suffix)
     reason = check_output_key(output)
     if reason:
@@ -376,7 +377,9 @@ def check_row(
     return Row(raw.where, raw.line, body, source, avatar, voice, webhook, output, spec)
 
 
-def row_spec(values: dict[str, Any], base: Path, defaults: Defaults) -> output_spec.OutputSpec:
+def row_spec(
+    values: dict[str, Any], base: Path, defaults: Defaults, seen: dict[str, Any] | None = None
+) -> output_spec.OutputSpec:
     """The row's OutputSpec: its format, aspect, fit, background, captions, poster_at and
     draft columns over the defaults. A background is a colour or a file inside the
     manifest's directory (resolved like a script)."""
@@ -386,7 +389,12 @@ def row_spec(values: dict[str, Any], base: Path, defaults: Defaults) -> output_s
     if background is not None and output_spec.parse_color(background) is None:
         if output_spec.looks_like_color(background):
             output_spec.parse_background(background)  # an unknown colour: its own error
-        background = output_spec.background_file(script_path(base, background, "background"))
+        path = background
+        background = _once(
+            {} if seen is None else seen,
+            "background:" + posixpath.normpath(path),
+            lambda: output_spec.background_file(script_path(base, path, "background")),
+        )
     draft = values.get("draft")
     if isinstance(draft, str) and not draft.strip():
         draft = None
@@ -401,7 +409,7 @@ def _script_of(
     base: Path,
     defaults: Defaults,
     max_chars: int,
-    seen: dict[str, templates.Template | str],
+    seen: dict[str, Any],
 ) -> tuple[str, str]:
     """The row's cleaned script, and its path when it is a script file ("" otherwise:
     inline text and a filled-in template are named by their content)."""
@@ -429,18 +437,26 @@ def _script_of(
 
 
 def _template(
-    base: Path, relative: str, max_chars: int, seen: dict[str, templates.Template | str]
+    base: Path, relative: str, max_chars: int, seen: dict[str, Any]
 ) -> templates.Template:
     """The template file a row names, read and parsed once per manifest."""
-    key = posixpath.normpath(relative)
+    return _once(
+        seen,
+        "template:" + posixpath.normpath(relative),
+        lambda: templates.read(script_path(base, relative, "template"), relative, max_chars),
+    )
+
+
+def _once(seen: dict[str, Any], key: str, read: Callable[[], Any]) -> Any:
+    """`read()` once per manifest for `key`: its result, or its InvalidInput again."""
     if key not in seen:
         try:
-            seen[key] = templates.read(script_path(base, relative, "template"), relative, max_chars)
+            seen[key] = read()
         except InvalidInput as exc:
-            seen[key] = str(exc)
+            seen[key] = exc
     found = seen[key]
-    if isinstance(found, str):
-        raise InvalidInput(found)
+    if isinstance(found, InvalidInput):
+        raise InvalidInput(str(found))
     return found
 
 
@@ -458,7 +474,7 @@ def check_rows(
     why a row's output is already someone else's (an earlier submission's)."""
     result = Checked()
     outputs = OutputKeys()
-    seen: dict[str, templates.Template | str] = {}
+    seen: dict[str, Any] = {}
     for raw in rows:
         try:
             row = check_row(raw, base, defaults, max_chars, check_job, check_script, seen)

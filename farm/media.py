@@ -100,15 +100,13 @@ class VideoFormat:
         codec: str = "libx264",
         target: str = "mp4",
         draft: bool = False,
-        alpha: bool | None = None,
     ) -> VideoFormat:
         """The delivered video, encoded once by the mux stage: `codec` (the worker's
-        H.264 encoder) for mp4, VP9 for webm, ProRes 4444 for mov-prores. `alpha`: the
-        chunks carry alpha (default: the target keeps it)."""
+        H.264 encoder) for mp4, VP9 for webm, ProRes 4444 for mov-prores. A target that
+        keeps alpha reads RGBA chunks (the render stage made them so)."""
         if target not in TARGETS:
             raise PermanentError(f"unknown output format {target!r}")
         own = TARGETS[target][0] or codec
-        keeps = TARGETS[target][1].startswith("yuva")
         crf = (30 if own in ("libx264", "h264_nvenc") else 40) if draft else None
         if own == "libvpx-vp9" and crf is None:
             crf = 32
@@ -119,7 +117,7 @@ class VideoFormat:
             codec=own,
             crf=20 if crf is None else crf,
             preset="ultrafast" if draft else "veryfast",
-            alpha=keeps if alpha is None else alpha,
+            alpha=TARGETS[target][1].startswith("yuva"),
             target=target,
             draft=draft,
         )

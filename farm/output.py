@@ -455,12 +455,6 @@ def upload_background(store: Store, job_id: str, spec: OutputSpec) -> OutputSpec
     return replace(spec, background=replace(bg, key=key, path=None))
 
 
-def uploaded_keys(spec: OutputSpec) -> list[str]:
-    """What `upload_background` put in the store for this spec (to remove it again)."""
-    bg = spec.background
-    return [bg.key] if bg is not None and bg.key else []
-
-
 def check_output_name(name: str, spec: OutputSpec, what: str = "output") -> None:
     """A file or key the video goes to must end with the format's suffix; an MP4's may
     also have none of VIDEO_SUFFIXES (as before formats existed)."""

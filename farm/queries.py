@@ -365,14 +365,12 @@ def delete_voice(session: Session, name: str) -> bool:
 
 def active_jobs_with_voice(session: Session, name: str, limit: int = 5) -> list[str]:
     """Ids of queued or running jobs that speak with voice `name` (a few)."""
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(Job.voice == name, Job.state.in_(states.ACTIVE))
-            .order_by(Job.created_at)
-            .limit(limit)
-        )
-    )
+    return list(session.scalars(_active_job_ids(Job.voice == name).limit(limit)))
+
+
+def _active_job_ids(where: Any) -> Any:
+    """The ids of the jobs matching `where` that have not ended, oldest first (a select)."""
+    return select(Job.id).where(where, Job.state.in_(states.ACTIVE)).order_by(Job.created_at)
 
 
 # --- webhooks (farm/webhooks.py) ---------------------------------------------
@@ -743,11 +741,7 @@ def touch_delivery(session: Session, delivery_id: str, when: datetime) -> None:
 
 def active_jobs_of_avatar(session: Session, name: str) -> Sequence[str]:
     """Ids of the jobs of avatar `name` that have not ended, oldest first."""
-    return session.scalars(
-        select(Job.id)
-        .where(Job.avatar == name, Job.state.in_(states.ACTIVE))
-        .order_by(Job.created_at)
-    ).all()
+    return session.scalars(_active_job_ids(Job.avatar == name)).all()
 
 
 def delete_job_rows(session: Session, job_id: str) -> int:
@@ -774,18 +768,26 @@ def delete_avatar_row(session: Session, name: str) -> int:
 
 
 def record_deletion(
-    session: Session, kind: str, subject: str, command: str, rows: int, prefixes: Sequence[str]
+    session: Session,
+    kind: str,
+    subject: str,
+    command: str,
+    rows: int,
+    prefixes: Sequence[str],
+    objects: int = 0,
+    size: int = 0,
 ) -> int:
     """The audit row of a deletion and one pending store deletion per prefix, in the
-    caller's transaction (the one that removes the rows). Returns the audit row's id."""
+    caller's transaction (the one that removes the rows); `objects`, `size`: what was
+    already deleted from the store. Returns the audit row's id."""
     now = utcnow()
     row = Deletion(
         kind=kind,
         subject=subject,
         command=command,
         rows=rows,
-        objects=0,
-        bytes=0,
+        objects=objects,
+        bytes=size,
         pending=len(prefixes),
         created_at=now,
         finished_at=None if prefixes else now,

@@ -224,15 +224,9 @@ def drain(ctx: Context, limit: int = SWEEP_LIMIT, deletion_id: int | None = None
 
 def _delete_prefix(ctx: Context, prefix: str) -> tuple[int, int]:
     """(objects, bytes) deleted under `prefix`, sizes measured just before."""
-    keys = ctx.store.list(prefix)
-    size = 0
-    for key in keys:
-        try:
-            size += ctx.store.size(key)
-        except NotFound:  # deleted meanwhile by someone else
-            pass
+    sizes = ctx.store.sizes(prefix)
     deleted = ctx.store.delete_prefix(prefix)
-    return max(deleted, len(keys)), size
+    return max(deleted, len(sizes)), sum(sizes.values())
 
 
 # --- retention and intermediates (the sweep) ---------------------------------------
@@ -241,12 +235,8 @@ def _delete_prefix(ctx: Context, prefix: str) -> tuple[int, int]:
 def stored_bytes(ctx: Context, job_id: str, target_key: str | None) -> int:
     """What a job holds in the store now: everything under jobs/{id}/ and its output
     key outside it (a batch row's)."""
-    total = 0
-    for prefix in (job_key(job_id), target_key):
-        if prefix:
-            for key in ctx.store.list(prefix):
-                total += ctx.store.size(key)
-    return total
+    prefixes = [p for p in (job_key(job_id), target_key) if p]
+    return sum(sum(ctx.store.sizes(p).values()) for p in prefixes)
 
 
 def tidy_job(ctx: Context, job_id: str, command: str) -> int:
@@ -264,9 +254,9 @@ def tidy_job(ctx: Context, job_id: str, command: str) -> int:
             objects, size = objects + n, size + b
         if objects:
             with ctx.session() as s:
-                deletion_id = queries.record_deletion(s, "intermediates", job_id, command, 0, [])
-                row = queries.get_deletion(s, deletion_id)
-                row.objects, row.bytes = objects, size
+                queries.record_deletion(
+                    s, "intermediates", job_id, command, 0, [], objects=objects, size=size
+                )
     total = stored_bytes(ctx, job_id, target_key)
     with ctx.session() as s:
         queries.set_bytes_stored(s, job_id, total)

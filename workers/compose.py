@@ -17,15 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from farm import layout, queries
+from farm import layout
 from farm.context import Context
 from farm.errors import InvalidInput
 from farm.output import OutputSpec
 from models.base import Plan
-
-
-def spec_of(delivery: dict[str, Any] | None) -> OutputSpec:
-    return OutputSpec.from_json(delivery)
 
 
 def plan_sizes(
@@ -59,22 +55,27 @@ def chunk_layout(
     return layout.compute(out_size, render, (0, 0, 1), "contain")
 
 
+# A background video's frames per pass, by (store key, fps): counting them decodes the
+# whole video, once per worker process and job rather than once per chunk.
+_periods: dict[tuple[str, int], int] = {}
+_MAX_PERIODS = 256
+
+
 def chunk_compositor(
     ctx: Context,
-    job_id: str,
+    spec: OutputSpec,
+    out_size: tuple[int, int],
     plan: Plan,
     avatar: Any,
     renderer_name: str,
     first_frame: int,
     work: Path,
 ) -> Any:
-    """The compositor for a chunk starting at `first_frame`, or None for a plain job.
-    A background file is fetched from the store into `work`."""
+    """The compositor for a chunk starting at `first_frame` of a job delivering `spec` at
+    `out_size`, or None for a plain job. A background file is fetched from the store into
+    `work`."""
     from workers.compositor import Compositor, Looping, Still
 
-    with ctx.session() as s:
-        job = queries.get_job(s, job_id)
-        spec, out_size = spec_of(job.delivery), (job.width, job.height)
     if not composed(spec, (plan.width, plan.height), out_size):
         return None
     lay = chunk_layout(spec, plan, out_size, avatar, renderer_name)
@@ -89,7 +90,11 @@ def chunk_compositor(
         if bg.kind == "image":
             backdrop = Still.image(local, out_size)
         else:
-            backdrop = Looping(local, out_size, plan.fps, first_frame)
+            known = _periods.get((bg.key, plan.fps))
+            backdrop = Looping(local, out_size, plan.fps, first_frame, known)
+            if len(_periods) >= _MAX_PERIODS:
+                _periods.clear()
+            _periods[(bg.key, plan.fps)] = backdrop.period
     return Compositor(lay, backdrop, alpha=spec.alpha)
 
 

@@ -103,11 +103,14 @@ class Looping:
     """A background video, looped: frame i of the job is frame i mod P of one pass at the
     job's fps (P frames). A chunk starting at frame `start` reads from there on."""
 
-    def __init__(self, path: Path, size: tuple[int, int], fps: int, start: int) -> None:
+    def __init__(
+        self, path: Path, size: tuple[int, int], fps: int, start: int, period: int | None = None
+    ) -> None:
+        """`period`: the frames of one pass when already known (counted otherwise)."""
         from farm.media import ffmpeg_exe
 
         self.exe, self.path, self.size, self.fps = ffmpeg_exe(), path, size, fps
-        self.period = self._period()
+        self.period = period or self._period()
         self._pos = start % self.period
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -34,11 +34,11 @@ from celery.worker.request import Request
 
 from farm import health
 from farm.errors import BrokerUnavailable, NotFound, RetryableError
-from workers.app import RENDER_BULK_QUEUE, RENDER_QUEUE, settings
+from workers.app import RENDER_QUEUE, settings
 
 log = logging.getLogger("farm.worker")
 
-RENDER_QUEUES = (RENDER_QUEUE, RENDER_BULK_QUEUE)
+RENDER_QUEUES = health.RENDER_QUEUES
 HEALTH_COMMAND = "farm_health"
 RESUME_COMMAND = "farm_resume"
 TEXT = 400  # bytes kept of the last error, the reason and the render path

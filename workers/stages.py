@@ -237,7 +237,7 @@ def plan_motion(ctx: Context, job_id: str) -> list[tuple[int, int]]:
     avatar = load_avatar(ctx, avatar_name, renderer_name)
     # A composed job (workers/compose.py) may render the whole photo for another size.
     render_size, out_size = compose.plan_sizes(
-        compose.spec_of(delivery), size, avatar, renderer_name
+        output.OutputSpec.from_json(delivery), size, avatar, renderer_name
     )
     motion = renderer.plan(avatar, seconds, phones, fps, render_size, seed, speech, options)
     if out_size == render_size:
@@ -323,6 +323,7 @@ def render_chunk(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
         if job.state != states.RENDERING:
             return False
         avatar_name, renderer_name = job.avatar, job.renderer
+        spec, out_size = output.OutputSpec.from_json(job.delivery), (job.width, job.height)
         chunk = queries.get_chunk(s, job_id, idx)
         frames = range(chunk.start_frame, chunk.stop_frame)
         done = chunk.state == "done"
@@ -331,7 +332,9 @@ def render_chunk(ctx: Context, job_id: str, idx: int, worker: str) -> bool:
             queries.start_chunk(s, job_id, idx, worker)
     if not done:
         try:
-            seconds = _render_frames(ctx, job_id, idx, frames, avatar_name, renderer_name)
+            seconds = _render_frames(
+                ctx, job_id, idx, frames, avatar_name, renderer_name, spec, out_size
+            )
             # The path it rendered on, read after the render (a failed engine falls back
             # to cuda): `farm usage` sums render seconds per device kind.
             device = getattr(renderer_for(ctx, renderer_name), "backend", "cpu")
@@ -376,11 +379,19 @@ class _CheckedSink:
 
 
 def _render_frames(
-    ctx: Context, job_id: str, idx: int, frames: range, avatar_name: str, renderer_name: str
+    ctx: Context,
+    job_id: str,
+    idx: int,
+    frames: range,
+    avatar_name: str,
+    renderer_name: str,
+    spec: output.OutputSpec,
+    out_size: tuple[int, int],
 ) -> float:
     """Render and encode one chunk, then upload it. Returns the seconds spent rendering
     and encoding only: the rest (dispatch, state, store) is the farm's overhead, which
-    `farm bench --workers` measures as the difference."""
+    `farm bench --workers` measures as the difference. `spec`, `out_size`: what the job
+    delivers, and at what size (the job row's)."""
     motion = _cached_plan(ctx, job_id)
     renderer = renderer_for(ctx, renderer_name)
     avatar = load_avatar(ctx, avatar_name, renderer_name)
@@ -389,7 +400,7 @@ def _render_frames(
         # A composed job's frames go through its compositor (None for a plain job):
         # the chunk is then at the output size, RGBA where the output has alpha.
         composer = compose.chunk_compositor(
-            ctx, job_id, motion, avatar, renderer_name, frames.start, Path(tmp)
+            ctx, spec, out_size, motion, avatar, renderer_name, frames.start, Path(tmp)
         )
         width, height = composer.size if composer else (motion.width, motion.height)
         alpha = bool(composer and composer.alpha)
@@ -441,9 +452,7 @@ def join(ctx: Context, job_id: str) -> None:
         # the suffix; alpha formats read RGBA chunks; a draft is fast and watermarked.
         spec = output.OutputSpec.from_json(job.delivery)
         codec = encoders.codec_for(setting) if spec.format == "mp4" else "libx264"
-        fmt = VideoFormat.delivery(
-            job.width, job.height, job.fps, codec, spec.format, spec.draft, alpha=spec.alpha
-        )
+        fmt = VideoFormat.delivery(job.width, job.height, job.fps, codec, spec.format, spec.draft)
         final = job.target_key or job_key(job_id, "final" + spec.suffix)
         delivery = job.delivery
     if spec.draft:
@@ -507,12 +516,10 @@ def _poster_and_preview(
 ) -> None:
     """The poster (frame by rule, farm/extras.py) and the animated preview, to the store.
     `width`: the delivered video's (a composed job's plan is at the render's size)."""
-    motion = Plan.from_bytes(ctx.store.get_bytes(job_key(job_id, "plan.npz")))
+    motion = _cached_plan(ctx, job_id)
     closed = None
     if "blink_left" in motion.channels and "blink_right" in motion.channels:
-        left = motion.track[:, motion.channels.index("blink_left")]
-        right = motion.track[:, motion.channels.index("blink_right")]
-        closed = np.maximum(left, right)
+        closed = np.maximum(motion.channel("blink_left"), motion.channel("blink_right"))
     frame = extras.poster_frame(frame_count, fps, delivery.get("poster_at"), closed)
     at = frame / fps
     poster = make_poster(video, at, work / extras.POSTER)

@@ -58,6 +58,11 @@ class Store(Protocol):
         "jobs/abc/plan.json", not "jobs/abcd"), sorted; "" lists the whole store."""
         ...
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """`list`'s keys, in its order, each with its size in bytes, from the same one
+        listing (no request per object)."""
+        ...
+
 
 def open_store(settings: Settings) -> Store:
     url = settings.effective_store_url

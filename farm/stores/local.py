@@ -75,11 +75,14 @@ class LocalStore:
     def list(self, prefix: str) -> list[str]:
         """The keys at or under `prefix` ("" for all), sorted. Files a write is still
         staging, and names no key could have, are not listed."""
+        return list(self.sizes(prefix))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
         prefix = check_prefix(prefix)
         target = self.root / prefix if prefix else self.root
         if target.is_file():
-            return [prefix]
-        keys = []
+            return {prefix: target.stat().st_size}
+        keys = {}
         # os.walk follows no symlinked folders: nothing outside the root is listed.
         for folder, _, files in os.walk(target):
             rel = Path(folder).relative_to(self.root).as_posix()
@@ -87,9 +90,10 @@ class LocalStore:
                 key = name if rel == "." else f"{rel}/{name}"
                 if name.startswith(_TEMP_PREFIX) or not is_key(key):
                     continue
-                if (Path(folder) / name).is_file():
-                    keys.append(key)
-        return sorted(keys)
+                path = Path(folder) / name
+                if path.is_file():
+                    keys[key] = path.stat().st_size
+        return dict(sorted(keys.items()))
 
     def delete_prefix(self, prefix: str) -> int:
         target = self._path(prefix.rstrip("/"))

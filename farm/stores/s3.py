@@ -225,14 +225,17 @@ class S3Store:
             ExpiresIn=self.presign_seconds,
         )
 
-    @_sorted_errors
     def list(self, prefix: str) -> list[str]:
         """The keys at or under `prefix` ("" for all), sorted, from as many pages of
         ListObjectsV2 as it takes. Objects under the store's prefix whose names are no
         key (folder markers ending in "/", "a//b", ".." parts) are not listed."""
+        return list(self.sizes(prefix))
+
+    @_sorted_errors
+    def sizes(self, prefix: str) -> dict[str, int]:
         prefix = check_prefix(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        keys = []
+        keys = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=root + prefix
         )
@@ -240,5 +243,5 @@ class S3Store:
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(root) :]
                 if under(key, prefix) and is_key(key):
-                    keys.append(key)
-        return sorted(keys)
+                    keys[key] = int(obj["Size"])
+        return dict(sorted(keys.items()))
